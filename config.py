@@ -1,0 +1,261 @@
+"""
+Every knob of the project, as plain dataclasses.
+
+How to use it:
+    from config import get_config
+    cfg = get_config("base", ["--train.lr=3e-4", "--lora.r=16"])   # a preset, then command-line overrides
+    python train.py --preset=tiny --train.max_steps=50              # the same from the shell
+
+Reading guide:
+  - Each section is a dataclass; every field has a default and a comment saying what it means,
+    which values it takes and in what units.
+  - PRESETS holds the named starting points: `tiny` (random weights, for tests and CPU smoke runs),
+    `base` (real whisper-base + SmolLM2-135M-Instruct, the default that trains on a laptop), `seed`
+    (whisper-small + Sarvam-2B with LoRA r=16, the original Indic recipe).
+  - Overrides are `--section.key=value`. The value is parsed with `ast.literal_eval` (so `3e-4`,
+    `True`, `("q_proj", "v_proj")` work; a bare word such as `cpu` is taken as a string), checked
+    against the type of the default, and an unknown key is refused with the closest valid names.
+  - The architecture (widths, depths, vocab) is NOT here: it is read from each checkpoint's
+    config.json. The config chooses *which* checkpoint and *how* to train and run it.
+
+Simplified on purpose: no YAML, no inheritance between presets beyond "start from the defaults,
+then change a few fields", no environment-variable magic.
+"""
+import ast
+import difflib
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+
+
+@dataclass
+class ModelConfig:
+    # Checkpoints: a local directory, a Hugging Face hub id, or `tiny:whisper` / `tiny:llama`
+    # (a small random checkpoint the code writes itself; see model.resolve_checkpoint).
+    encoder: str = "openai/whisper-base"                # Whisper checkpoint; only its encoder is used
+    llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"    # Llama-family checkpoint (config.json + safetensors)
+    pad_audio_to_30s: bool = False   # True: Whisper's way (every clip padded to 30 s = 1500 encoder frames);
+                                     # False: Ultravox's way (encode only the real audio; several times cheaper)
+    attention: str = "sdpa"          # "sdpa" (fused F.scaled_dot_product_attention) | "manual" (readable path)
+
+
+@dataclass
+class ProjectorConfig:
+    kind: str = "stack_swiglu"   # "mlp" (Linear-GELU-Linear, the original recipe) | "stack_swiglu" (Ultravox)
+    stack: int = 4               # consecutive encoder frames concatenated into one LLM position (50/s -> 12.5/s)
+    hidden: int = 1024           # width of the projector's hidden layer
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8                          # rank of the update B @ A; 0 turns LoRA off (LLM fully frozen)
+    alpha: float = 16.0                 # the update is scaled by alpha / r
+    dropout: float = 0.0                # dropout on the LoRA branch's input
+    targets: tuple = ("q_proj", "v_proj")   # names of the LLM's Linear layers that get an adapter
+
+
+@dataclass
+class SystemConfig:
+    device: str = "auto"         # "auto" | "cuda" | "mps" | "cpu"; auto picks cuda > mps > cpu and says why
+    precision: str = "fp32"      # "fp32" | "fp16" | "bf16" | "int8" (int8 = weight-only int8 frozen base,
+                                 # LoRA/projector in fp32: the laptop mode)
+    compile: bool = False        # torch.compile the model (GPU speed; slow first step)
+    seed: int = 1337             # seeds torch, numpy and python's random
+    threads: int = 0             # CPU threads for torch; 0 = leave torch's default
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "corpus"       # folder with train.jsonl / test.jsonl (made by `python data.py corpus`)
+    n_train: int = 2400          # utterances the synthetic corpus makes for training
+    n_test: int = 300            # utterances for the held-out-voice test split
+    max_seconds: float = 30.0    # longer audio is refused (the encoder sees at most 30 s)
+    cache_encoder: bool = True   # cache frozen-encoder outputs on disk so epochs after the first skip Whisper
+    mix: tuple = (("transcribe", 1.0),)   # stage data mix: (task, weight) pairs sampled by weight
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "asr"           # "asr" (stage 1: audio -> transcript) | "instruct" (stage 2: answer speech)
+    out_dir: str = "out"         # checkpoints, log.jsonl and the loss-curve picture go here
+    init_from: str = ""          # stage 2: a stage-1 checkpoint folder to start from ("" = from scratch)
+    batch_size: int = 8          # examples per micro-batch
+    grad_accum: int = 1          # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    max_steps: int = 600         # optimizer steps
+    lr: float = 1e-3             # peak learning rate (projector and LoRA)
+    min_lr: float = 1e-4         # learning rate at the end of the cosine decay
+    warmup_steps: int = 30       # linear warmup from 0 to lr
+    weight_decay: float = 0.01   # AdamW decoupled weight decay (applied to matrices only)
+    grad_clip: float = 1.0       # clip the global gradient norm to this; 0 = off
+    eval_every: int = 200        # steps between evaluations (loss + WER on the test split); 0 = only at the end
+    eval_samples: int = 100      # test utterances decoded for WER at each evaluation
+    save_every: int = 200        # steps between checkpoints
+    log_every: int = 10          # steps between log lines
+
+
+@dataclass
+class SpeechLMConfig:
+    # IRA stage 1: a SpeechLM over EnCodec codes (speechlm.py). Fields may grow with the IRA code.
+    d_model: int = 512           # transformer width (the seed's size)
+    n_layers: int = 8            # transformer blocks
+    n_heads: int = 8             # attention heads
+    bandwidth: float = 1.5       # EnCodec kbps: 1.5 / 3 / 6 / 12 / 24 -> 2 / 4 / 8 / 16 / 32 codebooks
+    codec: str = ""              # folder with EnCodec 24 kHz weights ("" = the package's download, else untrained)
+    max_seconds: float = 10.0    # longest audio the SpeechLM generates or trains on
+
+
+@dataclass
+class AdapterConfig:
+    # IRA stage 2: Perceiver adapter from SpeechLM states to N LLM embeddings (adapter.py).
+    n_latents: int = 32          # N: how many LLM embeddings any audio becomes
+    n_layers: int = 2            # self-attention blocks over the latents after the cross-attention
+    distill_weight: float = 1.0  # weight of the KL(teacher-with-transcript || student-with-adapter) term
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    speechlm: SpeechLMConfig = field(default_factory=SpeechLMConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# -----------------------------------------------------------------------------
+# Presets: each is "the defaults, with these fields changed".
+
+PRESETS = {
+    # Random weights, ~0.3M parameters each side: seconds per step on a CPU. For tests and smoke runs.
+    "tiny": dict(
+        model=dict(encoder="tiny:whisper", llm="tiny:llama"),
+        projector=dict(kind="mlp", stack=2, hidden=64),
+        lora=dict(r=4, alpha=8.0),
+        data=dict(n_train=16, n_test=8),
+        train=dict(batch_size=4, max_steps=30, lr=3e-3, warmup_steps=3, eval_every=0,
+                   eval_samples=4, save_every=1000, log_every=5),
+    ),
+    # Real whisper-base + SmolLM2-135M-Instruct: the default, trains on a laptop CPU.
+    "base": dict(),
+    # The original recipe: whisper-small + Sarvam-2B (Indic), frame-stack-4 Linear-GELU-Linear projector,
+    # LoRA r=16 on the attention projections, bf16 on a GPU.
+    "seed": dict(
+        model=dict(encoder="openai/whisper-small", llm="sarvamai/sarvam-2b-v0.5"),
+        projector=dict(kind="mlp", stack=4, hidden=2048),
+        lora=dict(r=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+        system=dict(precision="bf16"),
+        train=dict(lr=1e-4, min_lr=1e-5, batch_size=8),
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A user mistake in a preset name or an override: one line that says what to fix."""
+
+
+def _closest(word, choices):
+    near = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(near)}?)" if near else f" (valid: {', '.join(choices)})"
+
+
+def _parse_value(text, default, key):
+    # literal_eval turns "3e-4" into a float, "True" into a bool, "('a', 'b')" into a tuple; anything it
+    # cannot parse (a bare word like cpu) is kept as the string itself.
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(default, str) and not isinstance(value, str):
+        value = text           # "--model.llm=123" names a folder called 123, not a number
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"--{key}={text}: expected True or False")
+    elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)   # "--train.lr=1" means 1.0
+    elif isinstance(default, tuple) and isinstance(value, (list, str)):
+        value = tuple(value) if isinstance(value, list) else (value,)
+    if type(value) is not type(default):
+        raise ConfigError(f"--{key}={text}: expected {type(default).__name__}, got {type(value).__name__}")
+    return value
+
+
+def apply_overrides(cfg, overrides):
+    """Apply `--section.key=value` strings to a Config, in order. Returns a new Config."""
+    sections = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    for arg in overrides:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"{arg!r}: overrides look like --section.key=value (e.g. --train.lr=3e-4)")
+        key, text = arg[2:].split("=", 1)
+        section_name, _, name = key.partition(".")
+        if section_name not in sections:
+            raise ConfigError(f"--{key}: unknown section {section_name!r}" + _closest(section_name, list(sections)))
+        section = sections[section_name]
+        names = [f.name for f in fields(section)]
+        if name not in names:
+            valid = [f"{section_name}.{n}" for n in names]
+            raise ConfigError(f"--{key}: unknown key" + _closest(key, valid))
+        value = _parse_value(text, getattr(section, name), key)
+        sections[section_name] = replace(section, **{name: value})
+    return Config(**sections)
+
+
+def get_config(preset="base", overrides=()):
+    """The named preset with the overrides applied on top."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}" + _closest(preset, list(PRESETS)))
+    preset_args = [f"--{section}.{key}={value!r}"
+                   for section, values in PRESETS[preset].items() for key, value in values.items()]
+    return apply_overrides(Config(), preset_args + list(overrides))
+
+
+# -----------------------------------------------------------------------------
+# Device and precision: decided once, with the reason printed.
+
+def choose_device(request="auto", log=print):
+    """Turn "auto|cuda|mps|cpu" into a torch.device, saying why."""
+    has_cuda = torch.cuda.is_available()
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if request == "auto":
+        if has_cuda:
+            log(f"device: cuda ({torch.cuda.get_device_name(0)} found)")
+            return torch.device("cuda")
+        if has_mps:
+            log("device: mps (Apple GPU found, no CUDA)")
+            return torch.device("mps")
+        log("device: cpu (no CUDA or Apple GPU found)")
+        return torch.device("cpu")
+    if request == "cuda" and not has_cuda:
+        raise ConfigError("--system.device=cuda but torch sees no CUDA GPU; use --system.device=auto or cpu")
+    if request == "mps" and not has_mps:
+        raise ConfigError("--system.device=mps but no Apple GPU is available; use --system.device=auto or cpu")
+    if request not in ("cuda", "mps", "cpu"):
+        raise ConfigError(f"--system.device={request}: choose auto, cuda, mps or cpu")
+    log(f"device: {request} (asked for)")
+    return torch.device(request)
+
+
+def choose_precision(request, device, log=print):
+    """Return (weight_dtype, use_int8) for the frozen parts; say so when a request cannot be honoured.
+
+    Trainable parts (projector, LoRA) always keep fp32 master weights on CPU; on a GPU they follow the
+    chosen 16-bit dtype, and the optimizer is the only place that needs fp32 (see train.py).
+    """
+    if request not in ("fp32", "fp16", "bf16", "int8"):
+        raise ConfigError(f"--system.precision={request}: choose fp32, fp16, bf16 or int8")
+    if request == "fp16" and device.type == "cpu":
+        log("precision: fp32 (fp16 matmuls are not supported well on CPU; use bf16 or int8 to save memory)")
+        return torch.float32, False
+    if request == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log("precision: fp16 (this GPU has no bf16 support)")
+        return torch.float16, False
+    if request == "int8":
+        log("precision: int8 weight-only frozen base, compute in fp32 (LoRA and projector train in fp32)")
+        return torch.float32, True
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[request]
+    log(f"precision: {request}")
+    return dtype, False

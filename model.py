@@ -1,0 +1,761 @@
+"""
+The audio language model, from the waveform to the next token, in one file.
+
+    waveform (16 kHz) -> log-mel (80 x 100/s) -> Whisper encoder (frozen, 50 frames/s)
+        -> projector (stack k frames, MLP) -> LLM embeddings (12.5/s for k=4)
+        -> [chat prefix] [audio embeddings] [prompt] [response] -> Llama (LoRA) -> next-token logits
+
+Reading order: audio front end, Whisper encoder, projector, Llama (+ KV cache and generate),
+checkpoint loading through explicit name tables, the tokenizer, and finally AudioLM, which glues them.
+LoRA and int8 live in lora.py.
+
+References: Radford et al. 2022 (Whisper; openai/whisper model.py and audio.py), Touvron et al. 2023
+(Llama), Ultravox (frame-stacking SwiGLU projector), SALMONN / Qwen-Audio (frozen encoder + adapter + LLM),
+karpathy/nanoGPT and pytorch-labs/gpt-fast (layout, name tables, static KV cache).
+
+Simplified on purpose: encoder-only Whisper (its decoder is never used); no rope scaling variants;
+the KV cache is a plain pair of preallocated tensors per layer; batches are right-padded, so the
+causal mask alone keeps real tokens from seeing padding during training.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchaudio
+
+# -----------------------------------------------------------------------------
+# 1. Audio front end: Whisper's log-mel spectrogram
+
+SAMPLE_RATE = 16000                       # Hz: Whisper's only input rate
+N_FFT = 400                               # 25 ms analysis window
+HOP_LENGTH = 160                          # 10 ms hop -> 100 mel frames per second
+CHUNK_LENGTH = 30                         # seconds Whisper was trained on
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE    # 480,000 samples in a 30 s chunk
+N_FRAMES = N_SAMPLES // HOP_LENGTH        # 3000 mel frames in a 30 s chunk (1500 after conv2's stride 2)
+
+
+def mel_filters(n_mels, device=None):
+    """(n_mels, N_FFT // 2 + 1) triangular filters, Slaney mel scale and Slaney area normalisation."""
+    fbanks = torchaudio.functional.melscale_fbanks(
+        n_freqs=N_FFT // 2 + 1, f_min=0.0, f_max=SAMPLE_RATE / 2, n_mels=n_mels,
+        sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")      # (201, n_mels)
+    return fbanks.T.contiguous().to(device)
+
+
+def log_mel_spectrogram(audio, n_mels=80):
+    """(samples,) or (B, samples) float in [-1, 1] at 16 kHz -> (n_mels, frames) or (B, n_mels, frames),
+    frames = samples // 160. Bit-for-bit Whisper's recipe up to float rounding."""
+    window = torch.hann_window(N_FFT, device=audio.device)
+    stft = torch.stft(audio.float(), N_FFT, HOP_LENGTH, window=window, return_complex=True)  # (.., 201, frames+1)
+    power = stft[..., :-1].abs() ** 2                        # drop the last frame, as Whisper does
+    mel = mel_filters(n_mels, audio.device) @ power          # (.., n_mels, frames)
+    log_spec = mel.clamp(min=1e-10).log10()
+    peak = log_spec.amax(dim=(-2, -1), keepdim=True)         # per clip
+    log_spec = torch.maximum(log_spec, peak - 8.0)           # keep an 80 dB dynamic range
+    return (log_spec + 4.0) / 4.0                            # roughly [-1, 1]
+
+
+# -----------------------------------------------------------------------------
+# Shared pieces: attention, a LayerNorm that computes in fp32, and the loader's error type
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked: one line naming the file or tensor and the fix."""
+
+
+def attention(q, k, v, mask=None, is_causal=False, manual=False):
+    """q (B, nh, Tq, hs), k/v (B, nkv, Tk, hs) with nh a multiple of nkv (grouped-query attention).
+    mask: bool, True = may attend, broadcastable to (B, nh, Tq, Tk). Returns (B, nh, Tq, hs)."""
+    if not manual:   # fused kernel (flash / memory-efficient on GPU); same maths as below
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              enable_gqa=q.size(1) != k.size(1))
+    groups = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)   # (B, nh, Tk, hs)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))                      # (B, nh, Tq, Tk)
+    if is_causal:
+        Tq, Tk = scores.shape[-2:]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.float().softmax(dim=-1).to(q.dtype) @ v
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the weights' dtype (as Whisper does): 16-bit variance is lossy."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                            self.bias.float(), self.eps).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# 2. Whisper encoder
+
+@dataclass
+class WhisperConfig:
+    n_mels: int = 80
+    d_model: int = 512
+    n_layers: int = 6
+    n_heads: int = 8
+    ffn_dim: int = 2048
+    max_positions: int = 1500     # 30 s of audio after conv2's stride 2
+    attention: str = "sdpa"       # "sdpa" | "manual" (not from the checkpoint: a run-time choice)
+
+    @classmethod
+    def from_hf(cls, hf):
+        return cls(n_mels=hf["num_mel_bins"], d_model=hf["d_model"], n_layers=hf["encoder_layers"],
+                   n_heads=hf["encoder_attention_heads"], ffn_dim=hf["encoder_ffn_dim"],
+                   max_positions=hf["max_source_positions"])
+
+
+class EncoderAttention(nn.Module):
+    def __init__(self, d_model, n_heads, manual=False):
+        super().__init__()
+        self.n_heads, self.manual = n_heads, manual
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)   # Whisper's key projection has no bias
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.o_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, key_mask=None):
+        B, T, C = x.size()
+        q, k, v = (p(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)   # (B, nh, T, hs)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = attention(q, k, v, mask=key_mask, manual=self.manual)                      # bidirectional
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = LayerNorm(cfg.d_model)
+        self.attn = EncoderAttention(cfg.d_model, cfg.n_heads, manual=cfg.attention == "manual")
+        self.mlp_norm = LayerNorm(cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
+
+    def forward(self, x, key_mask=None):
+        x = x + self.attn(self.attn_norm(x), key_mask)                 # pre-LN residual blocks
+        return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))
+
+
+class WhisperEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.conv1 = nn.Conv1d(cfg.n_mels, cfg.d_model, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(cfg.d_model, cfg.d_model, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(cfg.max_positions, cfg.d_model)   # sinusoids, stored in the file
+        self.layers = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = LayerNorm(cfg.d_model)
+
+    @staticmethod
+    def output_length(mel_frames):
+        """conv2 (kernel 3, stride 2, padding 1) maps T frames to ceil(T / 2)."""
+        return (mel_frames + 1) // 2
+
+    def forward(self, mel, mel_lengths=None):
+        """mel (B, n_mels, T) -> (B, ceil(T / 2), d_model). With mel_lengths (B,), frames past each clip's
+        length are ignored exactly: a clip gives the same output alone or padded inside a batch."""
+        B, _, T = mel.size()
+        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))             # (B, d, T)
+        key_mask = None
+        if mel_lengths is not None:
+            # zero conv1's output past the end, as conv2's own zero padding would be for a lone clip
+            x = x * (torch.arange(T, device=x.device) < mel_lengths[:, None])[:, None, :]
+        x = F.gelu(self.conv2(x)).transpose(1, 2)                           # (B, T', d), T' = ceil(T / 2)
+        if x.size(1) > self.cfg.max_positions:
+            raise ValueError(f"audio of {T} mel frames is longer than the encoder's "
+                             f"{self.cfg.max_positions * 2} (30 s); cut it into 30 s pieces")
+        x = x + self.embed_positions.weight[: x.size(1)]                   # slice: short clips stay short
+        if mel_lengths is not None:
+            out_lengths = self.output_length(mel_lengths)
+            key_mask = (torch.arange(x.size(1), device=x.device) < out_lengths[:, None])[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return self.norm(x)
+
+
+# -----------------------------------------------------------------------------
+# 3. Projector: encoder frames -> LLM embeddings
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (as Llama does) and returned in the input dtype."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Projector(nn.Module):
+    """Stack `stack` consecutive encoder frames (50/s -> 50/stack per s), then map to the LLM's width.
+
+    kind="mlp":          Linear -> GELU -> Linear                                  (the original recipe)
+    kind="stack_swiglu": RMSNorm -> Linear -> SwiGLU -> RMSNorm -> Linear          (Ultravox)
+    """
+
+    def __init__(self, kind, d_audio, d_llm, stack=4, hidden=1024):
+        super().__init__()
+        self.kind, self.stack = kind, stack
+        d_in = d_audio * stack
+        if kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_llm))
+        elif kind == "stack_swiglu":
+            self.norm_in = RMSNorm(d_in)
+            self.up = nn.Linear(d_in, 2 * hidden, bias=False)     # gate and value in one matmul
+            self.norm_mid = RMSNorm(hidden)
+            self.down = nn.Linear(hidden, d_llm, bias=False)
+        else:
+            raise ValueError(f"projector kind {kind!r}: choose 'mlp' or 'stack_swiglu'")
+
+    def audio_token_count(self, encoder_frames):
+        """ceil(frames / stack): the last group is zero-padded to a full stack."""
+        return -(-encoder_frames // self.stack)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        pad = (-T) % self.stack
+        x = F.pad(x, (0, 0, 0, pad))                                    # (B, T + pad, C)
+        x = x.reshape(B, (T + pad) // self.stack, C * self.stack)       # (B, N, stack * C)
+        if self.kind == "mlp":
+            return self.net(x)
+        gate, value = self.up(self.norm_in(x)).chunk(2, dim=-1)
+        return self.down(self.norm_mid(F.silu(gate) * value))           # (B, N, d_llm)
+
+
+# -----------------------------------------------------------------------------
+# 4. Llama: RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP, KV cache
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 49152
+    d_model: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    ffn_dim: int = 1536
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    max_positions: int = 8192
+    bos_id: int = 1
+    eos_id: int = 2
+    attention: str = "sdpa"       # "sdpa" | "manual" (a run-time choice, not from the checkpoint)
+
+    head_dim: int = 64
+
+    @classmethod
+    def from_hf(cls, hf):
+        # transformers 5 keeps rope settings in "rope_parameters"; older files have a top-level "rope_theta"
+        rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}
+        if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+            raise CheckpointError(f"rope scaling {rope} is not supported by this Llama (plain RoPE only)")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise CheckpointError("attention_bias / mlp_bias checkpoints are not supported by this Llama")
+        eos = hf.get("eos_token_id", 2)
+        return cls(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                   n_heads=hf["num_attention_heads"],
+                   n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                   ffn_dim=hf["intermediate_size"], rope_theta=float(rope["rope_theta"]),
+                   norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
+                   max_positions=hf.get("max_position_embeddings", 4096), bos_id=hf.get("bos_token_id", 1),
+                   eos_id=eos[0] if isinstance(eos, list) else eos,
+                   head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
+
+
+def rope_tables(head_dim, max_positions, theta):
+    """cos, sin tables (max_positions, head_dim): pair (i, i + head_dim/2) rotates at theta^(-2i/head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)     # (head_dim / 2,)
+    angles = torch.outer(torch.arange(max_positions).float(), inv_freq)             # (T, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)                                    # (T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, nh, T, hs); cos/sin (T, hs). Rotates the two halves of each head as complex pairs."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, n_kv_heads, max_len, head_dim) each.
+    `length` counts the positions already written; a forward pass appends T more."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0
+
+    def update(self, layer, k, v):
+        """Write k, v (B, nkv, T, hs) after the cached positions; return all keys/values so far."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.k[layer].size(2):
+            raise ValueError(f"KV cache holds {self.k[layer].size(2)} positions; asked for {end}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.manual = cfg.attention == "manual"
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                                             # (B, nkv, past+T, hs)
+        if past == 0:
+            y = attention(q, k, v, is_causal=T > 1, manual=self.manual)
+        else:   # query i sits at position past + i and may see keys 0 .. past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = attention(q, k, v, mask=mask, manual=self.manual)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = LlamaAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight        # one matrix, two uses
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)   # fp32 always; not in checkpoints
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids=None, inputs_embeds=None, kv_cache=None, return_hidden=False):
+        """input_ids (B, T) or inputs_embeds (B, T, C) -> logits (B, T, vocab), or the final normed
+        hidden states (B, T, C) with return_hidden=True (so a caller can apply lm_head to fewer rows)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = x.to(self.embed_tokens.weight.dtype)
+        start = kv_cache.length if kv_cache is not None else 0
+        cos, sin = self.rope_cos[start: start + x.size(1)], self.rope_sin[start: start + x.size(1)]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += x.size(1)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=64, temperature=0.0, top_k=None,
+                 eos_id=None, callback=None):
+        """Decode with a KV cache. temperature 0 = greedy; else sample from softmax(logits / T), optionally
+        only among the top_k. Stops when every row has produced eos_id. callback(token_ids (B,)) streams.
+        Returns the new tokens (B, n) (rows that finished early are padded with eos_id)."""
+        prefix = input_ids if inputs_embeds is None else inputs_embeds
+        B, T = prefix.shape[:2]
+        device, dtype = self.embed_tokens.weight.device, self.embed_tokens.weight.dtype
+        cache = KVCache(self.cfg, B, T + max_new_tokens, device, dtype)
+        logits = self(input_ids, inputs_embeds, kv_cache=cache)[:, -1]            # (B, vocab)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            token = sample_next_token(logits, temperature, top_k)                 # (B,)
+            if eos_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done |= token == eos_id
+            new_tokens.append(token)
+            if callback is not None:
+                callback(token)
+            if done.all():
+                break
+            logits = self(token[:, None], kv_cache=cache)[:, -1]
+        return torch.stack(new_tokens, dim=1)
+
+
+def sample_next_token(logits, temperature=0.0, top_k=None):
+    """logits (B, vocab) -> (B,). Greedy at temperature 0."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]   # (B, 1) the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# 5. Checkpoints: Hugging Face folders (config.json + *.safetensors), read through explicit name tables
+
+CHECKPOINT_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "preprocessor_config.json"]   # all we ever download: no pickles, no optimizer states
+
+
+def resolve_checkpoint(name_or_path, root="checkpoints"):
+    """A local folder for a checkpoint name: `tiny:whisper` / `tiny:llama` (written here, random), an
+    existing folder, `root/<last part of a hub id>` (e.g. made by scripts/offline_weights.py), or a
+    hub download restricted to CHECKPOINT_FILES."""
+    if name_or_path.startswith("tiny:"):
+        path = Path(root) / f"tiny-{name_or_path[5:]}"
+        if not (path / "config.json").exists():
+            write_tiny_checkpoint(name_or_path[5:], path)
+        return path
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    local = Path(root) / name_or_path.split("/")[-1]
+    if (local / "config.json").exists():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name_or_path, allow_patterns=CHECKPOINT_FILES))
+    except Exception as e:   # offline, unknown id, gated repo ...: say what to do instead
+        raise CheckpointError(
+            f"{name_or_path}: not a local folder and the hub download failed ({type(e).__name__}); without "
+            f"hub access run `python scripts/offline_weights.py` (whisper-base, SmolLM2-135M-Instruct) or "
+            f"put the checkpoint's config.json + *.safetensors in {local}/") from None
+
+
+def read_config(path):
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing; a checkpoint folder needs config.json and *.safetensors")
+    return json.loads(file.read_text())
+
+
+def safetensors_files(path):
+    """The weight files of a checkpoint folder: one model.safetensors, or the shards its index lists."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    for name in names:
+        if not (path / name).exists():
+            raise CheckpointError(f"{path / name}: missing weight file (listed in {index.name})"
+                                  if index.exists() else f"{path / name}: missing weight file")
+    return [path / name for name in names]
+
+
+def whisper_name_table(n_layers):
+    """Checkpoint name -> our parameter name, for the encoder only."""
+    table = {"model.encoder.embed_positions.weight": "embed_positions.weight"}
+    for hf, ours in [("conv1", "conv1"), ("conv2", "conv2"), ("layer_norm", "norm")]:
+        for kind in ("weight", "bias"):
+            table[f"model.encoder.{hf}.{kind}"] = f"{ours}.{kind}"
+    for i in range(n_layers):
+        hf, ours = f"model.encoder.layers.{i}.", f"layers.{i}."
+        for a, b in [("self_attn.q_proj", "attn.q_proj"), ("self_attn.v_proj", "attn.v_proj"),
+                     ("self_attn.out_proj", "attn.o_proj"), ("self_attn_layer_norm", "attn_norm"),
+                     ("final_layer_norm", "mlp_norm"), ("fc1", "fc1"), ("fc2", "fc2")]:
+            table[f"{hf}{a}.weight"], table[f"{hf}{a}.bias"] = f"{ours}{b}.weight", f"{ours}{b}.bias"
+        table[f"{hf}self_attn.k_proj.weight"] = f"{ours}attn.k_proj.weight"     # no k bias in Whisper
+    return table
+
+
+def llama_name_table(n_layers, tied):
+    table = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
+    if not tied:
+        table["lm_head.weight"] = "lm_head.weight"
+    for i in range(n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        for a, b in [("self_attn.q_proj", "attn.q_proj"), ("self_attn.k_proj", "attn.k_proj"),
+                     ("self_attn.v_proj", "attn.v_proj"), ("self_attn.o_proj", "attn.o_proj"),
+                     ("mlp.gate_proj", "mlp.gate_proj"), ("mlp.up_proj", "mlp.up_proj"),
+                     ("mlp.down_proj", "mlp.down_proj"), ("input_layernorm", "attn_norm"),
+                     ("post_attention_layernorm", "mlp_norm")]:
+            table[f"{hf}{a}.weight"] = f"{ours}{b}.weight"
+    return table
+
+
+def load_weights(module, path, table, owned, ignored=(), dtype=torch.float32):
+    """Fill `module` from the checkpoint at `path` through `table` (checkpoint name -> ours).
+    Every tensor whose name starts with one of `owned` must be in the table (except `ignored`);
+    every entry of the table must be found; shapes must match. Errors name the tensor."""
+    ours = module.state_dict()
+    found = {}
+    from safetensors import safe_open
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if not name.startswith(owned) or name in ignored:
+                    continue            # e.g. a Whisper checkpoint's decoder: not ours to load
+                if name not in table:
+                    raise CheckpointError(f"{file}: tensor {name} has no place in {type(module).__name__} "
+                                          f"(is this checkpoint of another architecture?)")
+                tensor = f.get_tensor(name)
+                target = ours[table[name]]
+                if tensor.shape != target.shape:
+                    raise CheckpointError(f"{file}: tensor {name} has shape {tuple(tensor.shape)} but "
+                                          f"{table[name]} needs {tuple(target.shape)}")
+                if not tensor.is_floating_point():
+                    raise CheckpointError(f"{file}: tensor {name} is {tensor.dtype}, expected a float type")
+                found[table[name]] = tensor.to(dtype)
+    missing = [hf for hf, mine in table.items() if mine not in found]
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+    module.load_state_dict(found, strict=False)
+    return module.to(dtype)
+
+
+def load_whisper_encoder(path, dtype=torch.float32, attention="sdpa"):
+    cfg = WhisperConfig.from_hf(read_config(path))
+    cfg.attention = attention
+    encoder = WhisperEncoder(cfg)
+    return load_weights(encoder, path, whisper_name_table(cfg.n_layers), owned=("model.encoder.",), dtype=dtype)
+
+
+def load_llm(path, dtype=torch.float32, attention="sdpa"):
+    cfg = LlamaConfig.from_hf(read_config(path))
+    cfg.attention = attention
+    llm = Llama(cfg)
+    table = llama_name_table(cfg.n_layers, cfg.tie_embeddings)
+    ignored = ("lm_head.weight",) if cfg.tie_embeddings else ()    # some tied checkpoints store a copy
+    return load_weights(llm, path, table, owned=("model.", "lm_head."), ignored=ignored, dtype=dtype)
+
+
+def save_hf_checkpoint(module, path, table, hf_config):
+    """The inverse of load_weights: our tensors under checkpoint names, + config.json."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = module.state_dict()
+    save_file({hf: state[ours].contiguous() for hf, ours in table.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
+
+
+def write_tiny_checkpoint(kind, path, seed=0):
+    """A small random Whisper encoder (kind="whisper") or Llama + byte-level tokenizer (kind="llama"),
+    saved exactly as a Hugging Face checkpoint would be. For tests and CPU smoke runs."""
+    torch.manual_seed(seed)
+    if kind == "whisper":
+        hf = dict(model_type="whisper", num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
+                  encoder_ffn_dim=256, max_source_positions=1500, decoder_layers=2, decoder_attention_heads=4,
+                  decoder_ffn_dim=256, vocab_size=51865, max_target_positions=448)
+        module = WhisperEncoder(WhisperConfig.from_hf(hf))
+        with torch.no_grad():    # Whisper's fixed sinusoidal positions: sin on the first half, cos on the second
+            scales = torch.exp(-math.log(10000) / (32 - 1) * torch.arange(32))          # (d_model / 2,)
+            angles = torch.arange(1500)[:, None] * scales[None, :]                     # (1500, 32)
+            module.embed_positions.weight.copy_(torch.cat([angles.sin(), angles.cos()], dim=1))
+        save_hf_checkpoint(module, path, whisper_name_table(2), hf)
+    elif kind == "llama":
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())       # 256 printable stand-ins for bytes
+        tok = HFTokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])   # ids 256, 257, 258
+        hf = dict(model_type="llama", vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=192, rope_theta=10000.0, rms_norm_eps=1e-5,
+                  tie_word_embeddings=True, max_position_embeddings=2048, bos_token_id=257, eos_token_id=258)
+        module = Llama(LlamaConfig.from_hf(hf))
+        for name, p in module.named_parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+        save_hf_checkpoint(module, path, llama_name_table(2, tied=True), hf)
+        tok.save(str(Path(path) / "tokenizer.json"))
+    else:
+        raise ValueError(f"tiny checkpoint kind {kind!r}: choose 'whisper' or 'llama'")
+    return Path(path)
+
+
+# -----------------------------------------------------------------------------
+# 6. Tokenizer: tokenizer.json (byte-level BPE) or tokenizer.model (sentencepiece), chat template in Python
+
+AUDIO_MARKER = "<|audio|>"   # where the audio embeddings go inside a prompt
+
+
+class Tokenizer:
+    def __init__(self, path):
+        path = Path(path)
+        config = read_config(path) if (path / "config.json").exists() else {}
+        if (path / "tokenizer.json").exists():
+            from tokenizers import Tokenizer as HFTokenizer
+            self.hf, self.sp = HFTokenizer.from_file(str(path / "tokenizer.json")), None
+        elif (path / "tokenizer.model").exists():
+            import sentencepiece
+            self.hf, self.sp = None, sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+        else:
+            raise CheckpointError(f"{path}: no tokenizer.json or tokenizer.model")
+        eos = config.get("eos_token_id", 2)
+        self.bos_id = config.get("bos_token_id", 1)
+        self.eos_id = eos[0] if isinstance(eos, list) else eos
+        self.pad_id = config.get("pad_token_id") or self.eos_id
+        # ChatML (<|im_start|>role\n ... <|im_end|>) when the vocabulary has it, as SmolLM2 does;
+        # otherwise a plain "User: ... Assistant:" template ended by eos (base models such as Sarvam-2B).
+        im_end = self.token_id("<|im_end|>")
+        self.chatml = im_end is not None and self.token_id("<|im_start|>") is not None
+        self.end_of_turn_id = im_end if self.chatml else self.eos_id
+
+    @classmethod
+    def from_dir(cls, path):
+        return cls(path)
+
+    def token_id(self, token):
+        return self.hf.token_to_id(token) if self.hf is not None else None
+
+    def encode(self, text):
+        return self.hf.encode(text, add_special_tokens=False).ids if self.hf is not None else self.sp.encode(text)
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        return self.hf.decode(ids, skip_special_tokens=True) if self.hf is not None else self.sp.decode(ids)
+
+    def chat_prompt(self, user, system=None):
+        """The text before the assistant's answer."""
+        if self.chatml:
+            head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+            return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        return (f"{system}\n\n" if system else "") + f"User: {user}\nAssistant:"
+
+
+# -----------------------------------------------------------------------------
+# 7. AudioLM: frozen encoder -> projector -> LLM, with the audio spliced into the prompt
+
+class AudioLM(nn.Module):
+    """Builds `[chat prefix] [audio embeddings] [prompt] [response]` and trains on the response only.
+
+    The collator writes a placeholder id at each audio position and marks them in `audio_mask`;
+    forward() swaps the projector's outputs into exactly those rows of the LLM's input embeddings.
+    """
+
+    def __init__(self, encoder, projector, llm, tokenizer, pad_audio_to_30s=False):
+        super().__init__()
+        self.encoder, self.projector, self.llm, self.tokenizer = encoder, projector, llm, tokenizer
+        self.pad_audio_to_30s = pad_audio_to_30s
+        self.encoder.requires_grad_(False).eval()          # frozen: never trained, no dropout anyway
+
+    def mel(self, audio):
+        """(samples,) waveform -> (n_mels, frames); padded to 30 s first when configured (Whisper's way)."""
+        if self.pad_audio_to_30s:
+            audio = F.pad(audio, (0, max(0, N_SAMPLES - audio.size(-1))))[..., :N_SAMPLES]
+        return log_mel_spectrogram(audio, self.encoder.cfg.n_mels)
+
+    def audio_token_count(self, mel_frames):
+        return self.projector.audio_token_count(self.encoder.output_length(mel_frames))
+
+    def build_example(self, prompt, n_audio, response=None, system=None):
+        """Token ids, audio-position mask and labels for one example (lists, not yet padded).
+        labels are -100 everywhere except the response and its end-of-turn token."""
+        if AUDIO_MARKER not in prompt:
+            prompt = f"{AUDIO_MARKER}\n{prompt}"          # audio first, then the instruction
+        before, after = self.tokenizer.chat_prompt(prompt, system).split(AUDIO_MARKER)
+        head, tail = self.tokenizer.encode(before), self.tokenizer.encode(after)
+        ids = head + [self.tokenizer.pad_id] * n_audio + tail
+        audio_mask = [False] * len(head) + [True] * n_audio + [False] * len(tail)
+        labels = [-100] * len(ids)
+        if response is not None:
+            answer = self.tokenizer.encode(response) + [self.tokenizer.end_of_turn_id]
+            ids, audio_mask, labels = ids + answer, audio_mask + [False] * len(answer), labels + answer
+        return ids, audio_mask, labels
+
+    @torch.no_grad()
+    def encode(self, mel, mel_lengths=None):
+        """mel (B, n_mels, T) -> frozen encoder features (B, T', d_audio) and their lengths (B,)."""
+        lengths = None if self.pad_audio_to_30s else mel_lengths
+        features = self.encoder(mel, lengths)
+        if mel_lengths is None or self.pad_audio_to_30s:
+            mel_lengths = torch.full((mel.size(0),), mel.size(-1), device=mel.device)
+        return features, self.encoder.output_length(mel_lengths)
+
+    def embed(self, input_ids, audio_mask, features, feature_lengths):
+        """LLM input embeddings (B, T, C) with the projected audio written at audio_mask's positions."""
+        T_enc = features.size(1)
+        valid = torch.arange(T_enc, device=features.device) < feature_lengths[:, None]      # (B, T_enc)
+        features = features * valid[..., None]              # zero frames past each clip's end
+        audio = self.projector(features.to(next(self.projector.parameters()).dtype))       # (B, N, C)
+        counts = self.projector.audio_token_count(feature_lengths)                        # (B,)
+        keep = torch.arange(audio.size(1), device=audio.device) < counts[:, None]         # (B, N)
+        if int(keep.sum()) != int(audio_mask.sum()):
+            raise ValueError(f"{int(audio_mask.sum())} audio positions in the prompt but the audio gives "
+                             f"{int(keep.sum())} embeddings: build_example's n_audio must be audio_token_count")
+        embeds = self.llm.embed_tokens(input_ids)
+        return embeds.masked_scatter(audio_mask[..., None], audio[keep].to(embeds.dtype))
+
+    def forward(self, input_ids, audio_mask, labels, mel=None, mel_lengths=None, features=None,
+                feature_lengths=None):
+        """Mean cross-entropy over the response tokens. Give mel (+ lengths), or cached encoder features."""
+        if features is None:
+            features, feature_lengths = self.encode(mel, mel_lengths)
+        hidden = self.llm(inputs_embeds=self.embed(input_ids, audio_mask, features, feature_lengths),
+                          return_hidden=True)                         # (B, T, C)
+        targets = labels[:, 1:]                                       # position t predicts token t + 1
+        rows = targets != -100
+        logits = self.llm.lm_head(hidden[:, :-1][rows])              # (n_labelled, vocab): only where needed
+        return F.cross_entropy(logits.float(), targets[rows])
+
+    @torch.no_grad()
+    def generate(self, audio, prompt="Transcribe the audio.", max_new_tokens=64, temperature=0.0,
+                 top_k=None, callback=None):
+        """One waveform (samples,) at 16 kHz -> the LLM's answer as text."""
+        device = self.llm.embed_tokens.weight.device
+        mel = self.mel(audio.to(device))[None]                                  # (1, n_mels, T)
+        features, lengths = self.encode(mel)
+        ids, audio_mask, _ = self.build_example(prompt, int(self.projector.audio_token_count(lengths)[0]))
+        ids, audio_mask = torch.tensor([ids], device=device), torch.tensor([audio_mask], device=device)
+        embeds = self.embed(ids, audio_mask, features, lengths)
+        eot = self.tokenizer.end_of_turn_id
+        stream = None if callback is None else (lambda token: token.item() != eot and callback(token.item()))
+        out = self.llm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, eos_id=eot, callback=stream)[0].tolist()
+        return self.tokenizer.decode([t for t in out if t != eot])
+
+
+def build_audio_lm(cfg, device=torch.device("cpu"), dtype=torch.float32, int8=False, log=print):
+    """The AudioLM a Config describes: checkpoints resolved and loaded, projector fresh, LoRA applied."""
+    from lora import apply_lora, mark_only_lora_as_trainable, quantize_int8_
+    encoder_path, llm_path = resolve_checkpoint(cfg.model.encoder), resolve_checkpoint(cfg.model.llm)
+    encoder = load_whisper_encoder(encoder_path, dtype, cfg.model.attention)
+    llm = load_llm(llm_path, dtype, cfg.model.attention)
+    projector = Projector(cfg.projector.kind, encoder.cfg.d_model, llm.cfg.d_model, cfg.projector.stack,
+                          cfg.projector.hidden)
+    if cfg.lora.r > 0:
+        apply_lora(llm, cfg.lora.r, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
+    mark_only_lora_as_trainable(llm)                 # LoRA adapters train, the base LLM stays frozen
+    if int8:
+        quantize_int8_(encoder), quantize_int8_(llm)
+    model = AudioLM(encoder, projector, llm, Tokenizer(llm_path), cfg.model.pad_audio_to_30s).to(device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log(f"model: {encoder_path.name} + {cfg.projector.kind} projector + {llm_path.name}: "
+        f"{n_all / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable")
+    return model

@@ -1,0 +1,28 @@
+"""Shared test helpers: a `parity` fixture that asserts a max-abs difference and collects it, so the
+end of every test run prints one table of "ours vs reference" numbers (the figures the README quotes)."""
+import pytest
+import torch
+
+PARITY = []   # (what was compared, measured max |difference|, tolerance)
+
+
+@pytest.fixture
+def parity():
+    def check(name, ours, reference, tol):
+        diff = (ours.detach().double() - reference.detach().double()).abs().max().item()
+        PARITY.append((name, diff, tol))
+        assert diff <= tol, f"{name}: max |ours - reference| = {diff:.2e} > {tol:.0e}"
+        return diff
+    return check
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY:
+        terminalreporter.write_sep("-", "parity: max |ours - reference|")
+        for name, diff, tol in PARITY:
+            terminalreporter.write_line(f"{name:<60} {diff:9.2e}  (tolerance {tol:.0e})")
