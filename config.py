@@ -71,7 +71,8 @@ class DataConfig:
     n_test: int = 300            # utterances for the held-out-voice test split
     max_seconds: float = 30.0    # longer audio is refused (the encoder sees at most 30 s)
     cache_encoder: bool = True   # cache frozen-encoder outputs on disk so epochs after the first skip Whisper
-    mix: tuple = (("transcribe", 1.0),)   # stage data mix: (task, weight) pairs sampled by weight
+    mix: tuple = (("transcribe", 0.3), ("continue", 0.2), ("instruct", 0.5))   # stage 2's (task, weight)
+                                 # pairs, sampled by weight; stage 1 (asr) uses transcribe rows only
 
 
 @dataclass
@@ -102,6 +103,13 @@ class SpeechLMConfig:
     bandwidth: float = 1.5       # EnCodec kbps: 1.5 / 3 / 6 / 12 / 24 -> 2 / 4 / 8 / 16 / 32 codebooks
     codec: str = ""              # folder with EnCodec 24 kHz weights ("" = the package's download, else untrained)
     max_seconds: float = 10.0    # longest audio the SpeechLM generates or trains on
+    ffn_dim: int = 1536          # SwiGLU hidden width of each block (~8/3 * d_model, as Llama)
+    voice_dim: int = 256         # VoiceEncoder width = size of the shared description/audio space
+    voice_layers: int = 2        # transformer blocks in each VoiceEncoder tower (text, audio)
+    voice_weight: float = 1.0    # weight of the VoiceEncoder's InfoNCE loss in the stage-1 loss
+    voice_batch_size: int = 64   # clips per contrastive batch (more negatives than one micro-batch)
+    uncond_prob: float = 0.1     # chance a training example drops its voice and text (audio-only modelling)
+    eval_generate: int = 2       # held-out texts spoken at each evaluation (length check); 0 = none
 
 
 @dataclass
@@ -110,6 +118,12 @@ class AdapterConfig:
     n_latents: int = 32          # N: how many LLM embeddings any audio becomes
     n_layers: int = 2            # self-attention blocks over the latents after the cross-attention
     distill_weight: float = 1.0  # weight of the KL(teacher-with-transcript || student-with-adapter) term
+    d_model: int = 512           # width of the latents inside the adapter
+    n_heads: int = 8             # attention heads of the adapter's cross- and self-attention
+    speechlm_layer: int = 4      # the adapter reads the output of this SpeechLM block (1..n_layers)
+    speechlm_checkpoint: str = "out/speechlm"   # stage-1 output folder (train.py's out_dir of --stage=speechlm)
+    prompt: str = "Transcribe the audio."       # the instruction after the adapter vectors
+    eval_generate: int = 4       # held-out texts spoken by the SpeechLM and transcribed through the adapter
 
 
 @dataclass
@@ -137,8 +151,11 @@ PRESETS = {
         projector=dict(kind="mlp", stack=2, hidden=64),
         lora=dict(r=4, alpha=8.0),
         data=dict(n_train=16, n_test=8),
-        train=dict(batch_size=4, max_steps=30, lr=3e-3, warmup_steps=3, eval_every=0,
+        train=dict(batch_size=4, max_steps=30, lr=1e-2, warmup_steps=3, eval_every=0,
                    eval_samples=4, save_every=1000, log_every=5),
+        speechlm=dict(d_model=64, n_layers=2, n_heads=4, ffn_dim=128, voice_dim=32, voice_layers=1,
+                      voice_batch_size=8, max_seconds=4.0, eval_generate=1),
+        adapter=dict(n_latents=8, n_layers=1, d_model=64, n_heads=4, speechlm_layer=1, eval_generate=1),
     ),
     # Real whisper-base + SmolLM2-135M-Instruct: the default, trains on a laptop CPU.
     "base": dict(),
@@ -150,6 +167,11 @@ PRESETS = {
         lora=dict(r=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
         system=dict(precision="bf16"),
         train=dict(lr=1e-4, min_lr=1e-5, batch_size=8),
+    ),
+    # IRA (speechlm.py, adapter.py) at full size: the adapter speaks to SmolLM2-1.7B, bf16 on a GPU.
+    "ira": dict(
+        model=dict(llm="HuggingFaceTB/SmolLM2-1.7B"),
+        system=dict(precision="bf16"),
     ),
 }
 

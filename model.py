@@ -515,7 +515,11 @@ def load_weights(module, path, table, owned, ignored=(), dtype=torch.float32):
     found = {}
     from safetensors import safe_open
     for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as f:
+        try:
+            f = safe_open(str(file), framework="pt")     # reads a JSON header; never unpickles anything
+        except Exception as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        with f:
             for name in f.keys():
                 if not name.startswith(owned) or name in ignored:
                     continue            # e.g. a Whisper checkpoint's decoder: not ours to load
@@ -566,7 +570,12 @@ def save_hf_checkpoint(module, path, table, hf_config):
 def write_tiny_checkpoint(kind, path, seed=0):
     """A small random Whisper encoder (kind="whisper") or Llama + byte-level tokenizer (kind="llama"),
     saved exactly as a Hugging Face checkpoint would be. For tests and CPU smoke runs."""
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():            # leave the caller's random stream untouched
+        torch.manual_seed(seed)
+        return _write_tiny_checkpoint(kind, Path(path))
+
+
+def _write_tiny_checkpoint(kind, path):
     if kind == "whisper":
         hf = dict(model_type="whisper", num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
                   encoder_ffn_dim=256, max_source_positions=1500, decoder_layers=2, decoder_attention_heads=4,
@@ -589,13 +598,14 @@ def write_tiny_checkpoint(kind, path, seed=0):
                   tie_word_embeddings=True, max_position_embeddings=2048, bos_token_id=257, eos_token_id=258)
         module = Llama(LlamaConfig.from_hf(hf))
         for name, p in module.named_parameters():
-            if p.dim() == 2:
-                nn.init.normal_(p, std=0.02)
+            # embeddings N(0, 0.1^2): tied to the head, so logits start with a spread of a few units,
+            # confident enough for a frozen random model's LoRA to move them; other matrices N(0, 0.02^2)
+            nn.init.normal_(p, std=0.1 if "embed_tokens" in name else 0.02) if p.dim() == 2 else None
         save_hf_checkpoint(module, path, llama_name_table(2, tied=True), hf)
         tok.save(str(Path(path) / "tokenizer.json"))
     else:
         raise ValueError(f"tiny checkpoint kind {kind!r}: choose 'whisper' or 'llama'")
-    return Path(path)
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -724,17 +734,27 @@ class AudioLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[rows])
 
     @torch.no_grad()
-    def generate(self, audio, prompt="Transcribe the audio.", max_new_tokens=64, temperature=0.0,
-                 top_k=None, callback=None):
-        """One waveform (samples,) at 16 kHz -> the LLM's answer as text."""
+    def generate(self, audio=None, prompt="Transcribe the audio.", max_new_tokens=64, temperature=0.0,
+                 top_k=None, callback=None, features=None):
+        """One waveform (samples,) at 16 kHz, or its cached encoder features (frames, d_audio), -> the
+        LLM's answer as text. callback(text_piece) streams the answer as it is decoded."""
         device = self.llm.embed_tokens.weight.device
-        mel = self.mel(audio.to(device))[None]                                  # (1, n_mels, T)
-        features, lengths = self.encode(mel)
+        if features is None:
+            features, lengths = self.encode(self.mel(audio.to(device))[None])    # (1, frames, d_audio)
+        else:
+            features, lengths = features[None].to(device), torch.tensor([features.size(0)], device=device)
         ids, audio_mask, _ = self.build_example(prompt, int(self.projector.audio_token_count(lengths)[0]))
         ids, audio_mask = torch.tensor([ids], device=device), torch.tensor([audio_mask], device=device)
-        embeds = self.embed(ids, audio_mask, features, lengths)
-        eot = self.tokenizer.end_of_turn_id
-        stream = None if callback is None else (lambda token: token.item() != eot and callback(token.item()))
+        embeds = self.embed(ids, audio_mask, features.float(), lengths)
+        eot, new_ids, shown = self.tokenizer.end_of_turn_id, [], ""
+
+        def stream(token):      # decode everything so far and emit the new part (keeps UTF-8 intact)
+            nonlocal shown
+            if callback is not None and token.item() != eot:
+                new_ids.append(token.item())
+                text = self.tokenizer.decode(new_ids)
+                callback(text[len(shown):])
+                shown = text
         out = self.llm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, eos_id=eot, callback=stream)[0].tolist()
         return self.tokenizer.decode([t for t in out if t != eot])

@@ -16,6 +16,11 @@ def parity():
     return check
 
 
+# Tiny models gain nothing from a second thread, and on a busy machine threads waiting for each other
+# make small matmuls several times slower: one thread keeps the suite fast and its timings steady.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

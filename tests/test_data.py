@@ -1,0 +1,566 @@
+"""
+Tests for data.py: how a file on disk becomes samples, and how a synthetic corpus is made.
+
+The lesson: a WAV file is a 12-byte RIFF header, a 'fmt ' chunk that says how to read the numbers, and a
+'data' chunk of raw integers or floats. We write such files byte by byte with `struct`, so we know every
+sample, and check that load_audio returns exactly stored value / full scale (e.g. 16-bit 16384 -> 0.5);
+Python's own `wave` module is the reference reader for integer PCM. Every way a file can be broken must end
+in an AudioError that names the file, and a property test (hypothesis) throws random and mutated bytes at
+the loader to make sure nothing else ever escapes. Last, the corpus: its grammar's answers are checked
+against an independent word-to-number parser, and a tiny corpus is made twice to prove it is deterministic.
+
+Run:  python -m pytest tests/test_data.py -q      (CPU, a few seconds; the corpus tests need espeak-ng)
+"""
+
+import calendar
+import itertools
+import json
+import math
+import random
+import re
+import shutil
+import struct
+import wave
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import data
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing WAV files by hand
+
+# KSDATAFORMAT_SUBTYPE_PCM and _IEEE_FLOAT as bytes: 0000000X-0000-0010-8000-00aa00389b71, little-endian.
+GUID_PCM = bytes.fromhex("0100000000001000800000aa00389b71")
+GUID_FLOAT = bytes.fromhex("0300000000001000800000aa00389b71")
+
+
+def chunk(chunk_id, body, size=None):
+    """One RIFF chunk: id, little-endian size, body, and a pad byte when the body has odd length."""
+    size = len(body) if size is None else size
+    return chunk_id + struct.pack("<I", size) + body + (b"\0" if len(body) % 2 else b"")
+
+
+def wav_bytes(payload, *, tag=1, channels=1, rate=16000, bits=16, guid=None, before=b"", after=b"",
+              data_size=None):
+    """A complete WAV file: 'fmt ' (plain, or extensible when `guid` is given), extra chunks, 'data'."""
+    block_align = channels * bits // 8
+    byte_rate = rate * block_align
+    fmt = struct.pack("<HHIIHH", 0xFFFE if guid else tag, channels, rate, byte_rate, block_align, bits)
+    if guid:  # cbSize = 22, valid bits, channel mask (0 = unspecified), subformat GUID
+        fmt += struct.pack("<HHI", 22, bits, 0) + guid
+    body = b"WAVE" + before + chunk(b"fmt ", fmt) + after + chunk(b"data", payload, data_size)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def write(path, blob):
+    path.write_bytes(blob)
+    return path
+
+
+def int24(*values):
+    """struct has no 3-byte integer: little-endian two's complement by hand."""
+    return b"".join(v.to_bytes(3, "little", signed=True) for v in values)
+
+
+# Every supported encoding, five samples each: (format tag, bits, bytes on disk, the values we must get).
+ENCODINGS = {
+    "u8": (1, 8, bytes([0, 64, 128, 192, 255]), [-1, -0.5, 0, 0.5, 127 / 128]),
+    "s16": (1, 16, struct.pack("<5h", -32768, -16384, 0, 16384, 32767), [-1, -0.5, 0, 0.5, 32767 / 32768]),
+    "s24": (1, 24, int24(-2**23, -2**22, 0, 2**22, 2**23 - 1), [-1, -0.5, 0, 0.5, (2**23 - 1) / 2**23]),
+    "s32": (1, 32, struct.pack("<5i", -2**31, -2**30, 0, 2**30, 2**31 - 1), [-1, -0.5, 0, 0.5, 1 - 2**-31]),
+    "f32": (3, 32, struct.pack("<5f", -1, -0.25, 0, 0.75, 1), [-1, -0.25, 0, 0.75, 1]),
+    "f64": (3, 64, struct.pack("<5d", -1, -0.25, 0, 0.125, 2.5), [-1, -0.25, 0, 0.125, 1]),  # 2.5 clips to 1
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Decoding: hand-computed values, and Python's wave module as the reference for integer PCM
+
+@pytest.mark.parametrize("name", ENCODINGS)
+@pytest.mark.parametrize("extensible", [False, True])
+def test_every_encoding_decodes_to_hand_computed_values(tmp_path, name, extensible):
+    tag, bits, payload, expected = ENCODINGS[name]
+    guid = (GUID_PCM if tag == 1 else GUID_FLOAT) if extensible else None
+    path = write(tmp_path / f"{name}.wav", wav_bytes(payload, tag=tag, bits=bits, guid=guid))
+    audio = data.load_audio(path)  # 16 kHz in, 16 kHz out: no resampling, so the values are exact
+    assert audio.dtype == torch.float32
+    assert torch.equal(audio, torch.tensor(expected, dtype=torch.float64).float())
+
+
+@pytest.mark.parametrize("bits", [8, 16, 24, 32])
+def test_integer_pcm_matches_the_wave_module(tmp_path, bits):
+    width = bits // 8
+    rng = random.Random(bits)
+    low, high = -2**(bits - 1), 2**(bits - 1)
+    frames = [[rng.randrange(low, high) for _ in range(3)] for _ in range(50)]  # 50 frames of 3 channels
+    # 8-bit WAV is unsigned (stored = value + 128); wider ones are signed little-endian
+    if bits == 8:
+        payload = bytes(v + 128 for frame in frames for v in frame)
+    else:
+        payload = b"".join(v.to_bytes(width, "little", signed=True) for frame in frames for v in frame)
+    path = write(tmp_path / "ref.wav", wav_bytes(payload, channels=3, bits=bits))
+    with wave.open(str(path)) as reference:  # the standard library's reader: params and raw frames
+        assert (reference.getnchannels(), reference.getsampwidth(), reference.getnframes()) == (3, width, 50)
+        raw = reference.readframes(50)
+    samples = [int.from_bytes(raw[i:i + width], "little", signed=bits > 8) - (128 if bits == 8 else 0)
+               for i in range(0, len(raw), width)]
+    expected = [sum(samples[i:i + 3]) / 3 / 2**(bits - 1) for i in range(0, len(samples), 3)]  # mono = mean
+    expected = torch.tensor(expected, dtype=torch.float32)
+    assert torch.allclose(data.load_audio(path), expected, atol=1e-9, rtol=1e-6)  # equal up to float rounding
+
+
+def test_file_written_by_the_wave_module_loads_and_saves_back_identically(tmp_path):
+    values = [-32768, -1, 0, 1, 12345, 32767]
+    with wave.open(str(tmp_path / "in.wav"), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(16000)
+        f.writeframes(struct.pack("<6h", *values))
+    audio = data.load_audio(tmp_path / "in.wav")
+    assert audio.tolist() == [v / 32768 for v in values]
+    data.save_wav(tmp_path / "out.wav", audio)  # the same scale both ways: a lossless round trip
+    assert (tmp_path / "out.wav").read_bytes() == (tmp_path / "in.wav").read_bytes()
+
+
+def test_channels_are_averaged(tmp_path):
+    # stereo frames (16384, 0), (8192, 8192) -> mono 8192, 8192 -> 0.25, 0.25
+    stereo = write(tmp_path / "stereo.wav", wav_bytes(struct.pack("<4h", 16384, 0, 8192, 8192), channels=2))
+    assert data.load_audio(stereo).tolist() == [0.25, 0.25]
+    # six channels 0, 1000, ..., 5000 average to 2500; a second frame of -6000 everywhere stays -6000
+    six = struct.pack("<12h", *range(0, 6000, 1000), *[-6000] * 6)
+    assert data.load_audio(write(tmp_path / "six.wav", wav_bytes(six, channels=6))).tolist() == \
+        [2500 / 32768, -6000 / 32768]
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 22050, 44100, 48000, 96000])
+def test_resampling_keeps_a_sine_a_sine(tmp_path, rate):
+    n = rate // 10 + 7  # ~0.1 s, an odd length so the rounding of the output length matters
+    sine = [0.5 * math.sin(2 * math.pi * 440 * i / rate) for i in range(n)]
+    path = write(tmp_path / "sine.wav", wav_bytes(struct.pack(f"<{n}f", *sine), tag=3, bits=32, rate=rate))
+    audio = data.load_audio(path)
+    assert len(audio) == math.ceil(n * 16000 / rate)
+    # the same 440 Hz sine evaluated at 16 kHz; the edges see the filter's zero padding, so skip them
+    t = torch.arange(len(audio), dtype=torch.float64) / 16000
+    expected = 0.5 * torch.sin(2 * math.pi * 440 * t)
+    assert (audio[100:-100] - expected[100:-100]).abs().max() < 5e-3
+    unresampled = data.load_audio(path, sr=rate)
+    assert torch.equal(unresampled, torch.tensor(sine, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("rate", [1001, 15969, 44101, 383999])
+def test_odd_sample_rates_are_approximated_not_refused(tmp_path, rate):
+    # 44101 Hz shares no factor with 16000: an exact sinc kernel would be 16000 x 44101 taps (2.8 GB)
+    n = rate // 10
+    path = write(tmp_path / "odd.wav", wav_bytes(bytes(2 * n), rate=rate))
+    assert abs(len(data.load_audio(path)) / (n * 16000 / rate) - 1) < 0.002  # the length is off by < 0.2%
+
+
+def test_chunks_are_walked_with_padding(tmp_path):
+    odd = chunk(b"LIST", b"INFOx")  # 5 bytes + 1 pad byte: a reader that forgets the pad gets lost
+    payload = bytes([0, 128, 255])  # three 8-bit samples: an odd data chunk, padded too
+    blob = wav_bytes(payload, bits=8, before=odd, after=chunk(b"fact", b"abc"))
+    blob += chunk(b"LIST", b"trailing")  # metadata after the audio is ignored
+    assert data.load_audio(write(tmp_path / "pad.wav", blob)).tolist() == [-1, 0, 127 / 128]
+
+
+@pytest.mark.parametrize("placeholder", [0x7FFFF000, 0xFFFFFFFF])
+def test_streaming_placeholder_size_reads_to_the_end(tmp_path, placeholder):
+    # espeak-ng --stdout and other pipe writers cannot seek back, so they leave a huge size in the header
+    payload = struct.pack("<3h", 0, 16384, -16384)
+    path = write(tmp_path / "pipe.wav", wav_bytes(payload, data_size=placeholder))
+    assert data.load_audio(path).tolist() == [0, 0.5, -0.5]
+
+
+def test_a_trailing_partial_frame_is_dropped(tmp_path):
+    payload = struct.pack("<5h", 16384, 16384, 0, 0, 999)  # stereo: two whole frames and half of a third
+    assert data.load_audio(write(tmp_path / "p.wav", wav_bytes(payload, channels=2))).tolist() == [0.5, 0]
+
+
+def test_save_wav_clips_and_writes_16_bit_mono(tmp_path):
+    path = tmp_path / "sub" / "clip.wav"
+    data.save_wav(path, torch.tensor([2.0, -3.0, 0.5, -0.5]), sr=22050)
+    with wave.open(str(path)) as f:
+        assert (f.getnchannels(), f.getsampwidth(), f.getframerate()) == (1, 2, 22050)
+        assert struct.unpack("<4h", f.readframes(4)) == (32767, -32768, 16384, -16384)
+    with pytest.raises(ValueError, match="mono"):
+        data.save_wav(path, torch.zeros(2, 10))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Broken files: an AudioError that names the file and the problem, never a traceback from numpy
+
+BROKEN = {  # name -> (file contents, load_audio kwargs, words the message must contain)
+    "empty": (b"", {}, ["empty"]),
+    "text": (b"hello, I am not audio at all", {}, ["not a RIFF/WAVE"]),
+    "avi": (b"RIFF\x10\0\0\0AVI " + bytes(12), {}, ["not WAVE"]),
+    "short_header": (b"RIFF\x10\0", {}, ["truncated header", "12 bytes", "found 6"]),
+    "cut_fmt": (b"RIFF\x20\0\0\0WAVEfmt \x10\0\0\0" + bytes(6), {},
+                ["truncated header", "16 bytes", "holds 6"]),
+    "no_data": (b"RIFF\x1c\0\0\0WAVE" + chunk(b"fmt ", struct.pack("<HHIIHH", 1, 1, 16000, 32000, 2, 16)), {},
+                ["no 'data' chunk"]),
+    "cut_data": (wav_bytes(bytes(40), data_size=100), {}, ["truncated data chunk", "100 bytes", "holds 40"]),
+    "zero_length": (wav_bytes(b""), {}, ["zero-length"]),
+    "12_bit": (wav_bytes(bytes(8), bits=12), {}, ["12-bit"]),
+    "a_law": (wav_bytes(bytes(8), tag=6, bits=8), {}, ["A-law", "0x0006"]),
+    "mu_law": (wav_bytes(bytes(8), tag=7, bits=8), {}, ["mu-law"]),
+    "adpcm": (wav_bytes(bytes(8), tag=2, bits=4), {}, ["ADPCM"]),
+    "odd_guid": (wav_bytes(bytes(8), guid=bytes(16)), {}, ["subformat"]),
+    "nan": (wav_bytes(struct.pack("<2f", 0, math.nan), tag=3, bits=32), {}, ["NaN"]),
+    "inf": (wav_bytes(struct.pack("<2d", math.inf, 0), tag=3, bits=64), {}, ["infinite"]),
+    "rate_0": (wav_bytes(bytes(8), rate=0), {}, ["sample rate 0 Hz"]),
+    "rate_500": (wav_bytes(bytes(8), rate=500), {}, ["sample rate 500 Hz"]),
+    "rate_500k": (wav_bytes(bytes(8), rate=500000), {}, ["sample rate 500000 Hz"]),
+    "no_channels": (wav_bytes(bytes(8), channels=0), {}, ["0 channels"]),
+    "too_long": (wav_bytes(bytes(32000)), {"max_seconds": 0.5}, ["1.0 s long", "max_seconds=0.5"]),
+    "big_endian": (b"RIFX" + bytes(40), {}, ["big-endian", "ffmpeg"]),
+    "flac_inside": (b"fLaC" + bytes(60), {}, ["FLAC", "ffmpeg -i"]),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_broken_files_raise_audio_error_naming_the_file(tmp_path, name):
+    blob, kwargs, words = BROKEN[name]
+    path = write(tmp_path / f"{name}.wav", blob)
+    with pytest.raises(data.AudioError) as caught:
+        data.load_audio(path, **kwargs)
+    message = str(caught.value)
+    assert str(path) in message and "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_missing_file_directory_and_compressed_formats(tmp_path):
+    with pytest.raises(data.AudioError, match="no such audio file"):
+        data.load_audio(tmp_path / "nowhere.wav")
+    (tmp_path / "folder.wav").mkdir()
+    with pytest.raises(data.AudioError, match="is a directory"):
+        data.load_audio(tmp_path / "folder.wav")
+    # an MP3 by extension, whatever its bytes: decoded by torchaudio if it can, else a one-line hint
+    with pytest.raises(data.AudioError, match="convert it to 16 kHz mono WAV"):
+        data.load_audio(write(tmp_path / "song.mp3", b"not really an mp3"))
+
+
+def test_max_seconds_allows_what_fits(tmp_path):
+    assert len(data.load_audio(write(tmp_path / "one.wav", wav_bytes(bytes(32000))), max_seconds=1)) == 16000
+
+
+# A property test: whatever the bytes, load_audio returns finite audio in [-1, 1] or raises AudioError.
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """A folder and a counter: each example gets a new file (rewriting one file is slow on some disks)."""
+    return tmp_path_factory.mktemp("fuzz"), itertools.count()
+
+
+def loads_or_raises_audio_error(scratch, blob):
+    folder, counter = scratch
+    path = folder / f"{next(counter)}.wav"
+    path.write_bytes(blob)
+    try:
+        audio = data.load_audio(path)
+    except data.AudioError as err:
+        assert str(path) in str(err)
+        return
+    assert audio.dtype == torch.float32 and audio.dim() == 1 and len(audio) > 0
+    assert torch.isfinite(audio).all() and audio.abs().max() <= 1
+
+
+riff_wrapped = st.binary(max_size=300).map(lambda b: b"RIFF" + struct.pack("<I", len(b) + 4) + b"WAVE" + b)
+
+
+@settings(max_examples=500, deadline=None)
+@given(blob=st.one_of(st.binary(max_size=300), riff_wrapped))
+def test_random_bytes_load_or_raise_audio_error(scratch, blob):
+    loads_or_raises_audio_error(scratch, blob)
+
+
+VALID_FILES = [wav_bytes(struct.pack("<8h", *range(-4, 4))),
+               wav_bytes(ENCODINGS["s24"][2] * 2, channels=2, bits=24),
+               wav_bytes(ENCODINGS["f32"][2], bits=32, guid=GUID_FLOAT),
+               wav_bytes(bytes(range(0, 250, 10)), bits=8, rate=8000, before=chunk(b"LIST", b"odd"))]
+
+
+@settings(max_examples=500, deadline=None)
+@given(which=st.sampled_from(range(len(VALID_FILES))), edits=st.binary(max_size=12),
+       cut=st.none() | st.integers(0, 200))
+def test_mutated_wavs_load_or_raise_audio_error(scratch, which, edits, cut):
+    blob = bytearray(VALID_FILES[which])
+    for position, value in zip(edits[0::2], edits[1::2]):  # up to 6 (position, new byte) pairs
+        blob[position % len(blob)] = value  # positions wrap around; over half of each file is header
+    loads_or_raises_audio_error(scratch, bytes(blob[:cut] if cut is not None else blob))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Manifests and converters
+
+def test_manifest_round_trip_with_relative_paths(tmp_path):
+    rows = [{"audio": str(tmp_path / "clips" / "a.wav"), "text": "hello there", "task": "transcribe",
+             "prompt": "Transcribe the audio.", "response": "hello there", "voice": {"speaker": "x"},
+             "lang": "en"},
+            {"audio": str(tmp_path / "b.wav"), "text": "what is two plus two", "task": "instruct",
+             "prompt": "Answer the spoken question.", "response": "four", "voice": {}, "lang": "en"}]
+    manifest = tmp_path / "lists" / "m.jsonl"
+    data.write_manifest(manifest, rows)
+    stored = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [row["audio"] for row in stored] == ["../clips/a.wav", "../b.wav"]  # relative to the manifest
+    assert data.read_manifest(manifest) == rows
+
+
+def test_read_manifest_fills_defaults_and_resolves_paths(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "x.wav", "text": "hi"}\n\n{"audio": "/abs/y.wav", "task": "continue", '
+                        '"text": "turn on", "response": "the lights"}\n')
+    first, second = data.read_manifest(manifest)
+    assert first == {"audio": str(tmp_path / "x.wav"), "text": "hi", "task": "transcribe",
+                     "prompt": data.TASK_PROMPTS["transcribe"], "response": "hi"}
+    assert second["audio"] == "/abs/y.wav" and second["response"] == "the lights"
+
+
+@pytest.mark.parametrize("lines, words", [
+    ('{"audio": "a.wav", "text": "ok"}\n{"audio": "b.wav", "text": }\n', ["m.jsonl:2:", "bad JSON"]),
+    ('{"text": "no audio"}\n', ["m.jsonl:1:", "missing key(s) audio"]),
+    ('{"audio": "a.wav", "task": "instruct", "text": "q"}\n', ["m.jsonl:1:", "missing key(s) response"]),
+    ('{"audio": "a.wav", "text": "x", "task": "translate"}\n', ["m.jsonl:1:", "unknown task 'translate'"]),
+    ('["a.wav", "text"]\n', ["m.jsonl:1:", "JSON object"]),
+])
+def test_bad_manifest_lines_are_named(tmp_path, lines, words):
+    (tmp_path / "m.jsonl").write_text(lines)
+    with pytest.raises(ValueError) as caught:
+        data.read_manifest(tmp_path / "m.jsonl")
+    assert all(word in str(caught.value) for word in words)
+
+
+def test_librispeech_converter(tmp_path):
+    chapter = tmp_path / "LibriSpeech" / "dev-clean" / "84" / "121123"
+    chapter.mkdir(parents=True)
+    (chapter / "84-121123.trans.txt").write_text("84-121123-0000 GO DO YOU HEAR\n"
+                                                 "84-121123-0001 BUT IN LESS\n")
+    for name in ("84-121123-0000", "84-121123-0001"):
+        (chapter / f"{name}.flac").write_bytes(b"fLaC")
+    rows = data.librispeech_to_manifest(tmp_path / "LibriSpeech", tmp_path / "ls.jsonl")
+    read = data.read_manifest(tmp_path / "ls.jsonl")
+    assert [r["text"] for r in read] == ["go do you hear", "but in less"]
+    assert read[1]["audio"] == str(chapter / "84-121123-0001.flac") == rows[1]["audio"]
+    assert read[0]["voice"] == {"speaker": "84"} and read[0]["task"] == "transcribe"
+    (chapter / "84-121123-0001.flac").unlink()
+    with pytest.raises(ValueError, match="1 of 2 audio files are missing"):
+        data.librispeech_to_manifest(tmp_path / "LibriSpeech", tmp_path / "ls.jsonl")
+
+
+def test_ljspeech_converter(tmp_path):
+    (tmp_path / "wavs").mkdir()
+    (tmp_path / "metadata.csv").write_text('LJ001-0001|He said "no.|He said "no.\n'
+                                           "LJ001-0002|It cost $5.|It cost five dollars.\n")
+    for name in ("LJ001-0001", "LJ001-0002"):
+        (tmp_path / "wavs" / f"{name}.wav").write_bytes(b"")
+    data.ljspeech_to_manifest(tmp_path, tmp_path / "lj.jsonl")
+    read = data.read_manifest(tmp_path / "lj.jsonl")
+    assert [r["text"] for r in read] == ['He said "no.', "It cost five dollars."]  # the normalized column
+    assert read[1]["audio"] == str(tmp_path / "wavs" / "LJ001-0002.wav")
+
+
+def test_commonvoice_converter(tmp_path):
+    (tmp_path / "clips").mkdir()
+    table = [["client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accents", "locale",
+              "segment"],
+             ["abc", "cv_1.mp3", 'She said "hi" twice.', "2", "0", "twenties", "female", "", "fr", ""],
+             ["def", "cv_2.mp3", "Bonjour.", "2", "0", "", "", "", "fr", ""]]  # empty labels are common
+    (tmp_path / "dev.tsv").write_text("".join("\t".join(row) + "\n" for row in table))
+    for name in ("cv_1.mp3", "cv_2.mp3"):
+        (tmp_path / "clips" / name).write_bytes(b"ID3")
+    data.commonvoice_to_manifest(tmp_path, tmp_path / "cv.jsonl", split="dev")
+    first, second = data.read_manifest(tmp_path / "cv.jsonl")
+    assert first["text"] == 'She said "hi" twice.' and first["lang"] == "fr"
+    assert first["voice"] == {"speaker": "abc", "gender": "female", "age": "twenties"}
+    assert second["audio"] == str(tmp_path / "clips" / "cv_2.mp3")
+    with pytest.raises(ValueError, match="no train.tsv"):
+        data.commonvoice_to_manifest(tmp_path, tmp_path / "cv.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The grammar, checked against an independent reader of number words
+
+UNITS = {word: value for value, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
+        "ninety": 90}
+
+
+def words_to_number(text):
+    """'one hundred twenty three thousand four' -> 123004: a second, independent implementation."""
+    total, current = 0, 0
+    for word in text.split():
+        if word in UNITS or word in TENS:
+            current += UNITS.get(word, TENS.get(word))
+        elif word == "hundred":
+            current *= 100
+        elif word == "thousand":
+            total, current = total + current * 1000, 0
+        else:
+            raise ValueError(f"not a number word: {word}")
+    return total + current
+
+
+def test_number_words_hand_examples():
+    assert [data.number_to_words(n) for n in (0, 7, 19, 41, 100, 105, 999, 1000, 123456)] == [
+        "zero", "seven", "nineteen", "forty one", "one hundred", "one hundred five",
+        "nine hundred ninety nine", "one thousand",
+        "one hundred twenty three thousand four hundred fifty six"]
+    assert [data.ordinal_words(n) for n in (1, 2, 3, 12, 20, 21, 31)] == [
+        "first", "second", "third", "twelfth", "twentieth", "twenty first", "thirty first"]
+    assert [data.year_words(y) for y in (1984, 1905, 2000, 2005, 2015)] == [
+        "nineteen eighty four", "nineteen oh five", "two thousand", "two thousand five", "twenty fifteen"]
+    assert all(words_to_number(data.number_to_words(n)) == n for n in [*range(1000), *range(0, 10**6, 997)])
+
+
+@pytest.fixture(scope="module")
+def every_sentence():
+    return list(data.all_sentences())
+
+
+def test_grammar_size_hand_counted(every_sentence):
+    counts = {}
+    for sentence in every_sentence:
+        counts[sentence.category] = counts.get(sentence.category, 0) + 1
+    assert counts == {
+        # on/off x 10 rooms x 8 devices twice, thermostat 10 x 16, dim 10 x 9, open/close 2 x 10 x 4,
+        # timer 59, music 8 x 10, shopping 20, reminders 7 people x 180 times
+        "command": 160 + 160 + 160 + 90 + 80 + 59 + 80 + 20 + 1260,
+        "number": 98 * 10 + 98 + 900 + 10**4 + 49 + 100,           # counted, people, room, code, kg, score
+        "date": 366 + 366 + 7 * 31 + 7 + 75,                       # 366 real days (with february 29th)
+        "time": 4 * 180,                                           # 12 hours x 15 ways to say a time
+        "place": 12 * 11 * 5 + 16 * 15 + 12 * 10 + 12,
+        "fact": 11 + 20 + 14,
+        "question": 51 * 51 + 51 * 52 // 2 + 13 * 13 + 2 * 100 * 99 + 100 + 100 + 50 + 7 + 7 + 12 + 20 + 14}
+    assert len({s.text for s in every_sentence}) == len(every_sentence) == data.GRAMMAR_SIZE  # no repeats
+
+
+def test_every_question_answer_is_right(every_sentence):
+    days = [day.lower() for day in calendar.day_name]       # the calendar module as the reference
+    months = [month.lower() for month in calendar.month_name[1:]]
+    capitals = dict(pair.split(":") for pair in (
+        "france:paris germany:berlin spain:madrid italy:rome japan:tokyo egypt:cairo ireland:dublin "
+        "norway:oslo portugal:lisbon austria:vienna greece:athens canada:ottawa kenya:nairobi peru:lima "
+        "india:new_delhi china:beijing russia:moscow sweden:stockholm poland:warsaw mexico:mexico_city"
+    ).split())
+    counts = {"legs a spider": 8, "legs a dog": 4, "arms an octopus": 8, "days a week": 7,
+              "months a year": 12, "hours a day": 24, "minutes an hour": 60, "seconds a minute": 60,
+              "sides a triangle": 3, "corners a square": 4, "sides a pentagon": 5, "sides a hexagon": 6,
+              "wheels a bicycle": 2, "wheels a tricycle": 3}
+    # (question pattern, what the answer must be): the numbers are read back with words_to_number
+    rules = [(r"what is (.+) plus (.+)", lambda a, b: a + b),
+             (r"what is (.+) minus (.+)", lambda a, b: a - b),
+             (r"what is (.+) times (.+)", lambda a, b: a * b),
+             (r"which is larger (.+) or (.+)", max),
+             (r"which is smaller (.+) or (.+)", min),
+             (r"what number comes after (.+)", lambda a: a + 1),
+             (r"what number comes before (.+)", lambda a: a - 1),
+             (r"what is half of (.+)", lambda a: a / 2)]
+    questions = [s for s in every_sentence if s.category == "question"]
+    assert all(s.answer for s in questions)
+    assert all(s.answer is None for s in every_sentence if s.category != "question")
+    for s in questions:
+        numeric = [(m, f) for m, f in ((re.fullmatch(p, s.text), f) for p, f in rules) if m]
+        if numeric:
+            match, compute = numeric[0]
+            assert words_to_number(s.answer) == compute(*map(words_to_number, match.groups())), s
+        elif match := re.fullmatch(r"what (day|month) comes (after|before) (\w+)", s.text):
+            names = days if match[1] == "day" else months
+            step = 1 if match[2] == "after" else -1
+            assert s.answer == names[(names.index(match[3]) + step) % len(names)], s
+        elif match := re.fullmatch(r"what is the capital of (.+)", s.text):
+            assert s.answer == capitals[match[1]].replace("_", " "), s
+        else:
+            match = re.fullmatch(r"how many (\w+) does (.+) have", s.text)
+            assert words_to_number(s.answer) == counts[f"{match[1]} {match[2]}"], s
+
+
+def test_random_sentences_come_from_the_grammar(every_sentence):
+    known = {s.text for s in every_sentence}
+    rng = random.Random(0)
+    drawn = [data.random_sentence(rng) for _ in range(300)]
+    assert all(s.text in known for s in drawn)
+    rng = random.Random(0)
+    assert [data.random_sentence(rng) for _ in range(300)] == drawn  # the seed decides everything
+
+
+def test_voices_split_and_described():
+    engines = ("espeak-ng", "flite")
+    train, test = set(data.voice_pool("train", engines)), set(data.voice_pool("test", engines))
+    assert not train & test and test == data.TEST_VOICES and len(train) == 9
+    voice = {"engine": "espeak-ng", "voice": "en-gb", "variant": "f2", "speed": 190, "pitch": 65}
+    assert data.describe_voice(voice) == "a fast, high-pitched female voice with a British accent"
+    voice = {"engine": "espeak-ng", "voice": "en-029", "variant": "m3", "speed": 140, "pitch": 50}
+    assert data.describe_voice(voice) == "a slow, medium-pitched male voice with a Caribbean accent"
+    assert data.describe_voice({"engine": "flite", "voice": "slt", "speed": 160}) == \
+        "a moderately paced female voice with an American accent"
+    assert data.describe_voice({"speaker": "84"}) == "a recorded human voice"  # LibriSpeech, Common Voice
+    assert data.describe_voice({"speaker": "abc", "gender": "female"}) == "a recorded female human voice"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. A tiny corpus, spoken for real (skipped without espeak-ng)
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")
+TINY = dict(n_train=6, n_test=4, seed=2, continue_fraction=0.3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    data.make_corpus(folder, **TINY)
+    return folder
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@needs_espeak
+def test_corpus_is_deterministic(tiny_corpus, tmp_path):
+    data.make_corpus(tmp_path / "again", **TINY)
+    first, second = tree(tiny_corpus), tree(tmp_path / "again")
+    assert len(first) == 6 + 4 + 3 and first == second  # 10 wavs, 2 manifests, corpus.json; identical bytes
+
+
+@needs_espeak
+def test_corpus_rows(tiny_corpus, every_sentence):
+    known = {s.text: s for s in every_sentence}
+    train = data.read_manifest(tiny_corpus / "train.jsonl")
+    test = data.read_manifest(tiny_corpus / "test.jsonl")
+    train_voices = {(r["voice"]["engine"], r["voice"]["voice"]) for r in train}
+    test_voices = {(r["voice"]["engine"], r["voice"]["voice"]) for r in test}
+    assert test_voices <= data.TEST_VOICES and not train_voices & test_voices  # whole voices held out
+    assert not {r["text"] for r in train} & {r["text"] for r in test}
+    assert {r["task"] for r in train + test} == {"transcribe", "continue", "instruct"}  # seed 2 has all 3
+    for row in train + test:
+        with wave.open(row["audio"]) as f:
+            assert (f.getnchannels(), f.getsampwidth(), f.getframerate()) == (1, 2, 16000)
+        audio = data.load_audio(row["audio"])
+        assert abs(len(audio) / 16000 - row["seconds"]) < 1e-3 and audio.abs().max() > 0.05  # not silence
+        assert row["voice_description"] == data.describe_voice(row["voice"])
+        if row["task"] == "transcribe":
+            assert row["response"] == row["text"]
+        elif row["task"] == "instruct":  # the same audio as a transcribe row; the answer from the grammar
+            assert row["response"] == known[row["text"]].answer
+        else:  # the audio holds the first half; the two halves make a grammar sentence
+            assert f"{row['text']} {row['response']}" in known
+
+
+def test_corpus_needs_espeak(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
+        data.make_corpus(tmp_path, n_train=1, n_test=1)
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys):
+    for argv in (["corpus", "--out", str(tmp_path), "--n-train", "-1"],
+                 ["convert", "ljspeech", str(tmp_path / "nowhere"), str(tmp_path / "lj.jsonl")]):
+        with pytest.raises(SystemExit) as caught:
+            data.main(argv)
+        err = capsys.readouterr().err
+        assert caught.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1

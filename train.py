@@ -1,0 +1,363 @@
+"""
+Train a stage, as one readable script.
+
+    python train.py --stage=asr                                   # stage 1: speech -> transcript (base preset)
+    python train.py --stage=instruct --train.init_from=out/asr    # stage 2: answer / continue speech
+    python train.py --preset=tiny --stage=asr                     # seconds on a CPU, random weights
+    python train.py --stage=asr --resume                          # continue out/<stage> exactly where it stopped
+    python train.py --stage=speechlm | align                      # IRA stages 1 and 2 (speechlm.py, adapter.py)
+    torchrun --nproc_per_node=2 train.py --stage=asr              # data-parallel on 2 GPUs
+
+Every stage is the same loop; a stage only decides what the model is, what a micro-batch is, and how
+to evaluate. The loop: AdamW on the trainable parameters only (projector + LoRA for the audio LM),
+linear warmup then cosine decay, gradient accumulation, global-norm clipping, non-finite steps
+skipped, one log line per `log_every` steps, evaluation every `eval_every`, atomic checkpoints
+(checkpoint.py) holding trainable weights + optimizer + step + config, and a loss-curve picture.
+
+Resume is exact: micro-batch i is a pure function of (seed, i) (see data.AudioLMBatches), the learning
+rate a pure function of the step, and the optimizer and RNG states are in the checkpoint, so an
+interrupted and resumed run repeats the uninterrupted run's losses bit for bit on a CPU.
+
+Simplified on purpose: one optimizer, one schedule, no EMA, evaluation on rank 0 only.
+"""
+import base64
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import config
+import data
+import model
+from checkpoint import CheckpointCorrupt, load_checkpoint, save_checkpoint
+
+# -----------------------------------------------------------------------------
+# 1. A stage: what to train, on what, and how to judge it
+
+
+@dataclass
+class Stage:
+    model: torch.nn.Module               # model(**batch) -> scalar loss; trainable parameters require grad
+    batch: Callable[[int], dict]         # micro-batch number i -> dict of CPU tensors (a pure function of i)
+    evaluate: Callable[[], dict]         # held-out metrics, e.g. {"test_loss": 1.2, "wer": 0.08}
+    tokens: Callable[[dict], int] = lambda batch: int(batch["input_ids"].numel())   # for tokens/s
+
+
+def evaluate_audio_lm(audio_lm, test_rows, features, cfg, device, log=print):
+    """Test loss on up to eval_samples rows, WER of greedy transcripts, accuracy of spoken answers."""
+    audio_lm.eval()
+    n = cfg.train.eval_samples
+    metrics, rows = {}, test_rows[: 4 * n]
+    batches = data.AudioLMBatches(rows, audio_lm, cfg.train.batch_size, features=features)
+    with torch.no_grad():
+        losses = [audio_lm(**to_device(batches.collate(rows[k: k + cfg.train.batch_size]), device)).item()
+                  for k in range(0, min(len(rows), n), cfg.train.batch_size)]
+    metrics["test_loss"] = sum(losses) / max(len(losses), 1)
+    for task, name in (("transcribe", "wer"), ("instruct", "accuracy"), ("continue", "continue_wer")):
+        chosen = [r for r in test_rows if r["task"] == task][:n]
+        if not chosen or (task != "transcribe" and cfg.train.stage == "asr"):
+            continue
+        answers = [audio_lm.generate(prompt=r["prompt"], features=features[r["audio"]], max_new_tokens=48)
+                   if features is not None else
+                   audio_lm.generate(data.load_audio(r["audio"]), r["prompt"], max_new_tokens=48) for r in chosen]
+        if task == "instruct":
+            right = [data.normalize_text(a) == data.normalize_text(r["response"]) for a, r in zip(answers, chosen)]
+            metrics[name] = sum(right) / len(right)
+        else:
+            metrics[name] = data.word_error_rate([r["response"] for r in chosen], answers)
+        for r, a in list(zip(chosen, answers))[:2]:
+            log(f"  [{task}] {r['response']!r} -> {a!r}")
+    audio_lm.train()
+    return metrics
+
+
+def build_audio_lm_stage(cfg, device, dtype, int8, log):
+    """Stages asr and instruct: frozen Whisper -> projector -> LLM with LoRA, on a manifest corpus."""
+    corpus = Path(cfg.data.corpus)
+    if not (corpus / "train.jsonl").exists():
+        raise config.ConfigError(f"{corpus}/train.jsonl not found: make the corpus first with "
+                                 f"`python data.py corpus --out {corpus}` (or set --data.corpus=FOLDER)")
+    audio_lm = model.build_audio_lm(cfg, device, dtype, int8, log)
+    train_rows, test_rows = data.read_manifest(corpus / "train.jsonl"), data.read_manifest(corpus / "test.jsonl")
+    mix = cfg.data.mix if cfg.train.stage == "instruct" else (("transcribe", 1.0),)
+    features = None
+    if cfg.data.cache_encoder:
+        encoder_name = Path(model.resolve_checkpoint(cfg.model.encoder)).name
+        cache = corpus / "cache" / f"{encoder_name}-{'30s' if cfg.model.pad_audio_to_30s else 'native'}.safetensors"
+        features = data.encoder_features(audio_lm, train_rows + test_rows, cache)
+    batches = data.AudioLMBatches(train_rows, audio_lm, cfg.train.batch_size, cfg.system.seed, mix, features)
+    return Stage(audio_lm, batches, lambda: evaluate_audio_lm(audio_lm, test_rows, features, cfg, device, log))
+
+
+def build_stage(cfg, device, dtype, int8, log):
+    if cfg.train.stage in ("asr", "instruct"):
+        return build_audio_lm_stage(cfg, device, dtype, int8, log)
+    if cfg.train.stage == "speechlm":
+        from speechlm import build_speechlm_stage
+        return build_speechlm_stage(cfg, device, log)
+    if cfg.train.stage == "align":
+        from adapter import build_align_stage
+        return build_align_stage(cfg, device, log)
+    raise config.ConfigError(f"--train.stage={cfg.train.stage}: choose asr, instruct, speechlm or align "
+                             f"(stage 3 is `python rl.py`)")
+
+
+# -----------------------------------------------------------------------------
+# 2. Small helpers: device moves, the schedule, RNG state, the loss-curve picture
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def learning_rate(step, cfg):
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def rng_state():
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state):
+    as_tensor = lambda text: torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    torch.set_rng_state(as_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([as_tensor(s) for s in state["cuda"]])
+
+
+def write_loss_curve(log_rows, path):
+    """An SVG line chart of train (and test) loss against step: plain text, no plotting library."""
+    train = [(r["step"], r["loss"]) for r in log_rows if "loss" in r]
+    test = [(r["step"], r["test_loss"]) for r in log_rows if "test_loss" in r]
+    if not train:
+        return
+    W, H, pad = 640, 360, 48
+    steps = [s for s, _ in train + test]
+    values = [v for _, v in train + test]
+    x0, x1, y0, y1 = min(steps), max(max(steps), min(steps) + 1), min(values), max(max(values), min(values) + 1e-6)
+    to_xy = lambda s, v: (pad + (s - x0) / (x1 - x0) * (W - 2 * pad), H - pad - (v - y0) / (y1 - y0) * (H - 2 * pad))
+    line = lambda pts, colour: ('<polyline fill="none" stroke="%s" stroke-width="2" points="%s"/>'
+                                % (colour, " ".join("%.1f,%.1f" % to_xy(s, v) for s, v in pts)))
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
+           f'<text x="{pad}" y="{H - 16}">step {x0}</text><text x="{W - pad - 60}" y="{H - 16}">step {x1}</text>',
+           f'<text x="4" y="{pad}">{y1:.2f}</text><text x="4" y="{H - pad}">{y0:.2f}</text>',
+           line(train, "steelblue"), f'<text x="{W - 150}" y="20" fill="steelblue">train loss</text>']
+    if test:
+        svg += [line(test, "darkorange"), f'<text x="{W - 150}" y="36" fill="darkorange">test loss</text>']
+    Path(path).write_text("\n".join(svg + ["</svg>"]))
+
+
+# -----------------------------------------------------------------------------
+# 3. The loop
+
+def train(cfg, resume=False, log=print):
+    # 3a. processes and devices: one process per GPU under torchrun, else one process
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if torch.cuda.is_available() \
+            else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = config.choose_device(cfg.system.device, log)
+    main_process = rank == 0
+    log = log if main_process else (lambda *a, **k: None)
+    if cfg.system.threads:
+        torch.set_num_threads(cfg.system.threads)
+    torch.manual_seed(cfg.system.seed)
+    dtype, int8 = config.choose_precision(cfg.system.precision, device, log)
+    out_dir = Path(cfg.train.out_dir)
+
+    # 3b. the stage, the trainable parameters and the optimizer
+    stage = build_stage(cfg, device, dtype, int8, log)
+    net = stage.model.to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not params:
+        raise config.ConfigError("nothing to train: every parameter is frozen")
+    decay = [p for p in params if p.dim() >= 2]          # matrices decay; norms, biases and gains do not
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr,
+                                  betas=(0.9, 0.99), fused=device.type == "cuda")
+    trainable_names = [n for n, p in net.named_parameters() if p.requires_grad]
+
+    # 3c. where to start: a stage-1 checkpoint (init_from), our own checkpoint (resume), or fresh
+    step = 0
+    if resume:
+        tensors, meta, opt_tensors = load_checkpoint(out_dir / "ckpt")
+        if meta["config"]["model"] != cfg.to_dict()["model"] or meta["stage"] != cfg.train.stage:
+            raise config.ConfigError(f"{out_dir}/ckpt was trained with another model or stage "
+                                     f"({meta['stage']}); resume with the same --preset and --stage")
+        load_trainable(net, tensors, trainable_names, strict=True, where=out_dir / "ckpt")
+        from checkpoint import optimizer_from_tensors
+        optimizer_from_tensors(optimizer, opt_tensors, meta["optimizer"])
+        step = meta["step"]
+        set_rng_state(meta["rng"])
+        log(f"resumed from {out_dir}/ckpt at step {step}")
+    elif cfg.train.init_from:
+        tensors, meta, _ = load_checkpoint(Path(cfg.train.init_from) / "ckpt"
+                                           if (Path(cfg.train.init_from) / "ckpt").exists() else cfg.train.init_from)
+        loaded = load_trainable(net, tensors, trainable_names, strict=False, where=cfg.train.init_from)
+        log(f"initialised {loaded} tensors from {cfg.train.init_from} (stage {meta['stage']}, step {meta['step']})")
+    model_for_step = net
+    if distributed:
+        model_for_step = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda"
+                                                                   else None)
+    if cfg.system.compile:
+        model_for_step = torch.compile(model_for_step)
+
+    def save(step):
+        if main_process:
+            state = {n: t for n, t in net.state_dict(keep_vars=True).items() if n in set(trainable_names)}
+            meta = {"step": step, "stage": cfg.train.stage, "config": cfg.to_dict(), "rng": rng_state()}
+            save_checkpoint(out_dir / "ckpt", state, meta, optimizer)
+            (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    # 3d. the loop: accumulate grad_accum micro-batches, clip, step; rank r takes micro-batches r, r+world, ...
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(out_dir / "log.jsonl", "a" if resume else "w") if main_process else None
+    log_rows = [json.loads(line) for line in open(out_dir / "log.jsonl")] if resume and main_process else []
+    bad_in_a_row, skipped = 0, 0
+    net.train()
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc=f"train {cfg.train.stage}", unit="step",
+               disable=not main_process, dynamic_ncols=True)
+    t_last, tokens_since = time.time(), 0
+    while step < cfg.train.max_steps:
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.train.grad_accum):
+            index = (step * cfg.train.grad_accum + micro) * world + rank
+            batch = to_device(stage.batch(index), device)
+            tokens_since += stage.tokens(batch) * world
+            sync = micro == cfg.train.grad_accum - 1 or not distributed     # all-reduce once per step
+            context = model_for_step.no_sync() if not sync else torch.enable_grad()
+            with context:
+                loss = model_for_step(**batch) / cfg.train.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        if distributed:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip if cfg.train.grad_clip > 0
+                                                   else float("inf"))
+        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            # 3e. a non-finite loss or gradient would poison AdamW's moments: skip the update, count it
+            optimizer.zero_grad(set_to_none=True)
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+            if bad_in_a_row >= 10:
+                save(step)
+                raise FloatingPointError(f"10 non-finite steps in a row at step {step}; saved {out_dir}/ckpt. "
+                                         f"Lower --train.lr or use --system.precision=fp32")
+            step += 1
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bad_in_a_row, step = 0, step + 1
+        bar.update(1)
+        row = {"step": step, "loss": round(loss_sum.item(), 5), "lr": lr, "grad_norm": round(grad_norm.item(), 4)}
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            seconds = time.time() - t_last
+            row["tokens_per_s"] = round(tokens_since / seconds, 1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.write(f"step {step:5d}/{cfg.train.max_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | "
+                      f"grad norm {row['grad_norm']:.2f} | {row['tokens_per_s']:.0f} tok/s") if main_process else None
+            t_last, tokens_since = time.time(), 0
+        if main_process and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps):
+            row.update({k: round(v, 5) for k, v in stage.evaluate().items()})
+            bar.write(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                           if k not in ("step", "loss", "lr", "grad_norm",
+                                                                        "tokens_per_s")))
+        if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
+            save(step)
+        if main_process:
+            log_rows.append(row)
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+    bar.close()
+    if main_process:
+        write_loss_curve(log_rows, out_dir / "loss.svg")
+        log(f"done: {step} steps, {skipped} skipped; checkpoint {out_dir}/ckpt, log {out_dir}/log.jsonl, "
+            f"curve {out_dir}/loss.svg")
+    if distributed:
+        dist.destroy_process_group()
+    return log_rows
+
+
+def load_trainable(net, tensors, trainable_names, strict, where):
+    """Copy checkpoint tensors into the trainable parameters, checking names and shapes."""
+    params = dict(net.named_parameters())
+    unknown = [n for n in tensors if n not in params]
+    missing = [n for n in trainable_names if n not in tensors]
+    if unknown or (strict and missing):
+        name = (unknown or missing)[0]
+        raise config.ConfigError(f"{where}: tensor {name} {'is not in this model' if unknown else 'is missing'}; "
+                                 f"was it trained with another preset, projector or --lora settings?")
+    for name, value in tensors.items():
+        if params[name].shape != value.shape:
+            raise config.ConfigError(f"{where}: tensor {name} has shape {tuple(value.shape)}, the model needs "
+                                     f"{tuple(params[name].shape)} (another preset or --lora.r?)")
+        with torch.no_grad():
+            params[name].copy_(value)
+    return len(tensors)
+
+
+# -----------------------------------------------------------------------------
+# 4. Command line: user mistakes are one line and exit code 2; bugs keep their traceback
+
+USER_ERRORS = (config.ConfigError, model.CheckpointError, CheckpointCorrupt, data.AudioError, FloatingPointError)
+
+
+def parse_args(argv):
+    preset, resume, overrides = "base", False, []
+    for arg in argv:
+        if arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        elif arg.startswith("--stage="):
+            overrides.append("--train.stage=" + arg.split("=", 1)[1])
+        elif arg == "--resume":
+            resume = True
+        elif arg in ("-h", "--help"):
+            print(__doc__)
+            sys.exit(0)
+        else:
+            overrides.append(arg)
+    cfg = config.get_config(preset, overrides)
+    if not any(a.startswith("--train.out_dir=") for a in overrides):      # out/<stage> unless told otherwise
+        cfg.train.out_dir = str(Path(cfg.train.out_dir) / cfg.train.stage)
+    return cfg, resume
+
+
+def main(argv=None):
+    try:
+        cfg, resume = parse_args(sys.argv[1:] if argv is None else argv)
+        train(cfg, resume)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
