@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 import torchaudio
 
 # -----------------------------------------------------------------------------
@@ -70,7 +71,9 @@ def attention(q, k, v, mask=None, is_causal=False, manual=False):
     """q (B, nh, Tq, hs), k/v (B, nkv, Tk, hs) with nh a multiple of nkv (grouped-query attention).
     mask: bool, True = may attend, broadcastable to (B, nh, Tq, Tk). Returns (B, nh, Tq, hs)."""
     if not manual:   # fused kernel (flash / memory-efficient on GPU); same maths as below
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+        # `True if .. else False`: under torch.compile with a dynamic length, `T > 1` is a symbolic bool
+        # that SDPA refuses; the `if` turns it into a plain one (and a guard)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True if is_causal else False,
                                               enable_gqa=q.size(1) != k.size(1))
     groups = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)   # (B, nh, Tk, hs)
@@ -250,6 +253,8 @@ class LlamaConfig:
     bos_id: int = 1
     eos_id: int = 2
     attention: str = "sdpa"       # "sdpa" | "manual" (a run-time choice, not from the checkpoint)
+    decode: str = "auto"          # run-time: "loop" | "cuda_graph" | "compiled_graph" | "auto" (see generate)
+    checkpoint_activations: bool = False   # run-time: recompute blocks in backward (less memory, ~30% slower)
 
     head_dim: int = 64
 
@@ -306,6 +311,14 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def write_at(self, layer, k, v, position):
+        """The static-shape twin of update(), for CUDA graphs: k, v (B, nkv, 1, hs) go to slot `position`,
+        a (1,) long tensor (so one recorded graph serves every step), and ALL max_len slots come back;
+        the caller masks the slots after `position`. `length` is left to the caller."""
+        self.k[layer].index_copy_(2, position, k)
+        self.v[layer].index_copy_(2, position, v)
+        return self.k[layer], self.v[layer]                                  # (B, nkv, max_len, hs)
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg):
@@ -317,12 +330,17 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
+    def forward(self, x, cos, sin, cache=None, layer=0, position=None):
         B, T, C = x.size()
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if position is not None:   # Llama.decode_step: T = 1 at a tensor position, every shape fixed
+            k, v = cache.write_at(layer, k, v, position)                      # (B, nkv, max_len, hs)
+            mask = torch.arange(k.size(2), device=x.device) <= position[:, None]   # (1, max_len): written
+            y = attention(q, k, v, mask=mask, manual=self.manual)             # (B, nh, 1, hs)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         past = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.update(layer, k, v)                                             # (B, nkv, past+T, hs)
@@ -353,8 +371,8 @@ class LlamaBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, position=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, position)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -380,22 +398,55 @@ class Llama(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         cos, sin = self.rope_cos[start: start + x.size(1)], self.rope_sin[start: start + x.size(1)]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache, i)
+            if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
+                # keep only each block's input; rerun the block during backward to get its activations back
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += x.size(1)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def decode_step(self, token, position, cache):
+        """One new token with static shapes, the function a CUDA graph records (see CUDAGraphDecoder):
+        token (B,) at `position`, a (1,) long tensor -> logits (B, vocab). Writes the KV cache at
+        `position`: the same maths as forward(token[:, None], kv_cache=cache) at cache.length == position."""
+        x = self.embed_tokens(token[:, None])                                   # (B, 1, C)
+        cos, sin = self.rope_cos[position], self.rope_sin[position]             # (1, hs)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, position)
+        return self.lm_head(self.norm(x))[:, -1]                                # (B, vocab)
+
+    def graph_decoder(self, batch_size, max_len, compile=False):
+        """A CUDAGraphDecoder for (batch_size, max_len rounded up to 256), kept for the next generate():
+        recording costs a few decode steps (a minute with compile), replaying it costs one launch."""
+        max_len = -(-max_len // 256) * 256
+        key = (batch_size, max_len, compile)
+        if getattr(self, "_graph_decoder", None) is None or self._graph_decoder.key != key:
+            self._graph_decoder = None                                          # free the old graph's memory
+            self._graph_decoder = CUDAGraphDecoder(self, batch_size, max_len, compile)
+        return self._graph_decoder
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=64, temperature=0.0, top_k=None,
                  eos_id=None, callback=None):
         """Decode with a KV cache. temperature 0 = greedy; else sample from softmax(logits / T), optionally
         only among the top_k. Stops when every row has produced eos_id. callback(token_ids (B,)) streams.
-        Returns the new tokens (B, n) (rows that finished early are padded with eos_id)."""
+        Returns the new tokens (B, n) (rows that finished early are padded with eos_id).
+        cfg.decode picks how each new token runs: "loop" = an eager forward (readable), "cuda_graph" /
+        "compiled_graph" = one replay of a recorded decode_step (CUDAGraphDecoder; CUDA only)."""
         prefix = input_ids if inputs_embeds is None else inputs_embeds
         B, T = prefix.shape[:2]
         device, dtype = self.embed_tokens.weight.device, self.embed_tokens.weight.dtype
-        cache = KVCache(self.cfg, B, T + max_new_tokens, device, dtype)
+        decode = self.cfg.decode
+        if decode == "auto":   # the CUDA graph where there is CUDA; the readable loop elsewhere
+            decode = "cuda_graph" if device.type == "cuda" else "loop"
+        if decode not in ("loop", "cuda_graph", "compiled_graph"):
+            raise ValueError(f"decode={decode!r}: choose loop, cuda_graph, compiled_graph or auto")
+        compiled = decode == "compiled_graph"
+        graph = None if decode == "loop" else self.graph_decoder(B, T + max_new_tokens, compiled)
+        cache = KVCache(self.cfg, B, T + max_new_tokens, device, dtype) if graph is None else graph.reset()
         logits = self(input_ids, inputs_embeds, kv_cache=cache)[:, -1]            # (B, vocab)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         new_tokens = []
@@ -407,10 +458,62 @@ class Llama(nn.Module):
             new_tokens.append(token)
             if callback is not None:
                 callback(token)
-            if done.all():
+            if eos_id is not None and done.all():     # a GPU -> CPU sync; without eos_id nothing ends early
                 break
-            logits = self(token[:, None], kv_cache=cache)[:, -1]
+            if graph is None:
+                logits = self(token[:, None], kv_cache=cache)[:, -1]            # readable: an eager forward
+            else:
+                logits = graph(token)                                           # fast: one graph replay
         return torch.stack(new_tokens, dim=1)
+
+
+class CUDAGraphDecoder:
+    """Llama.decode_step recorded once as a CUDA graph, then replayed once per new token.
+
+    At batch 1 a decode step is a few hundred small kernels, and launching them one by one from Python
+    takes longer than running them. A CUDA graph records the launches once; replay() sends them all with
+    one call. A graph replays fixed memory addresses, hence the static shapes: the token, its position and
+    the logits live in fixed buffers, the KV cache is allocated once at max_len, and attention masks the
+    slots not yet written. With compile=True the step is first fused by torch.compile (fewer, larger
+    kernels). The readable path is Llama.forward with a KVCache; tests/test_fast_paths.py checks they agree.
+    A graph replays the model as it was recorded: after LoRA merge() or int8 quantization, make a new one.
+    """
+
+    def __init__(self, llm, batch_size, max_len, compile=False):
+        device, dtype = llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype
+        self.key = (batch_size, max_len, compile)
+        self.cache = KVCache(llm.cfg, batch_size, max_len, device, dtype)
+        self.token = torch.zeros(batch_size, dtype=torch.long, device=device)   # input buffer
+        self.position = torch.zeros(1, dtype=torch.long, device=device)         # where the token goes
+        # coordinate-descent tuning and autotuning pick the matrix-vector kernels' block sizes by timing them:
+        # a decode step only reads weights, and these choices read them ~1.4x faster (20 s more to compile)
+        options = {"coordinate_descent_tuning": True, "max_autotune": True}
+        step = torch.compile(llm.decode_step, fullgraph=True, options=options) if compile else llm.decode_step
+        # warm up on a side stream (kernel selection, compilation), as graph capture requires; these
+        # steps write slot 0 of the cache, which the next prefill overwrites
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(self.token, self.position, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(self.token, self.position, self.cache)            # (B, vocab) output buffer
+
+    def reset(self):
+        """The cache, emptied for a new prompt (stale slots are masked, so nothing needs zeroing)."""
+        self.cache.length = 0
+        return self.cache
+
+    def __call__(self, token):
+        """token (B,) -> logits (B, vocab) for the next position; the returned tensor is overwritten by
+        the next call, so use it (sample from it) first."""
+        self.position.fill_(self.cache.length)
+        self.token.copy_(token)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits
 
 
 def sample_next_token(logits, temperature=0.0, top_k=None):
@@ -766,6 +869,7 @@ def build_audio_lm(cfg, device=torch.device("cpu"), dtype=torch.float32, int8=Fa
     encoder_path, llm_path = resolve_checkpoint(cfg.model.encoder), resolve_checkpoint(cfg.model.llm)
     encoder = load_whisper_encoder(encoder_path, dtype, cfg.model.attention)
     llm = load_llm(llm_path, dtype, cfg.model.attention)
+    llm.cfg.decode, llm.cfg.checkpoint_activations = cfg.model.decode, cfg.model.activation_checkpointing
     projector = Projector(cfg.projector.kind, encoder.cfg.d_model, llm.cfg.d_model, cfg.projector.stack,
                           cfg.projector.hidden)
     if cfg.lora.r > 0:
@@ -779,3 +883,18 @@ def build_audio_lm(cfg, device=torch.device("cpu"), dtype=torch.float32, int8=Fa
     log(f"model: {encoder_path.name} + {cfg.projector.kind} projector + {llm_path.name}: "
         f"{n_all / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable")
     return model
+
+
+def compile_blocks(module, **options):
+    """torch.compile every transformer block inside `module`, in place ("regional compilation").
+
+    Inside a block, torch.compile fuses the small elementwise steps (RMSNorm, RoPE, SiLU * up, the LoRA
+    casts) into a few kernels, and, when training, decides which activations to keep for backward and which
+    to recompute (it keeps bf16 inputs and recomputes fp32 casts: less memory). Compiling blocks rather than
+    the whole model costs one block's compile time, since identical blocks share the compiled code, and
+    leaves the glue between blocks eager and readable. The eager blocks are the readable path; options go
+    to torch.compile (tests use backend="aot_eager"). Returns how many blocks were compiled."""
+    blocks = [m for m in module.modules() if isinstance(m, (LlamaBlock, EncoderBlock))]
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)

@@ -55,11 +55,13 @@ def evaluate_audio_lm(audio_lm, test_rows, features, cfg, device, log=print):
     """Test loss on up to eval_samples rows, WER of greedy transcripts, accuracy of spoken answers."""
     audio_lm.eval()
     n = cfg.train.eval_samples
-    metrics, rows = {}, test_rows[: 4 * n]
-    batches = data.AudioLMBatches(rows, audio_lm, cfg.train.batch_size, features=features)
+    tasks = {task for task, weight in cfg.data.mix if weight > 0} if cfg.train.stage == "instruct" else {"transcribe"}
+    metrics, rows = {}, [r for r in test_rows if r["task"] in tasks][:n]     # the stage's own tasks only
+    batches = data.AudioLMBatches(rows, audio_lm, cfg.train.batch_size, mix=[(t, 1.0) for t in tasks],
+                                  features=features)
     with torch.no_grad():
         losses = [audio_lm(**to_device(batches.collate(rows[k: k + cfg.train.batch_size]), device)).item()
-                  for k in range(0, min(len(rows), n), cfg.train.batch_size)]
+                  for k in range(0, len(rows), cfg.train.batch_size)]
     metrics["test_loss"] = sum(losses) / max(len(losses), 1)
     for task, name in (("transcribe", "wer"), ("instruct", "accuracy"), ("continue", "continue_wer")):
         chosen = [r for r in test_rows if r["task"] == task][:n]
@@ -187,10 +189,17 @@ def train(cfg, resume=False, log=print):
         torch.set_num_threads(cfg.system.threads)
     torch.manual_seed(cfg.system.seed)
     dtype, int8 = config.choose_precision(cfg.system.precision, device, log)
+    if device.type == "cuda":   # the fp32 parts' matmuls: TF32 tensor cores, or full fp32 (see SystemConfig.tf32)
+        torch.set_float32_matmul_precision("high" if cfg.system.tf32 else "highest")
     out_dir = Path(cfg.train.out_dir)
 
-    # 3b. the stage, the trainable parameters and the optimizer
+    # 3b. the stage, the trainable parameters and the optimizer. Under torchrun, rank 0 builds first so
+    # that files made on first use (tiny checkpoints, the encoder-feature cache) are written once
+    if distributed and not main_process:
+        dist.barrier()
     stage = build_stage(cfg, device, dtype, int8, log)
+    if distributed and main_process:
+        dist.barrier()
     net = stage.model.to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
@@ -200,7 +209,7 @@ def train(cfg, resume=False, log=print):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr,
                                   betas=(0.9, 0.99), fused=device.type == "cuda")
-    trainable_names = [n for n, p in net.named_parameters() if p.requires_grad]
+    trainable_names = {n for n, p in net.named_parameters() if p.requires_grad}
 
     # 3c. where to start: a stage-1 checkpoint (init_from), our own checkpoint (resume), or fresh
     step = 0
@@ -224,12 +233,13 @@ def train(cfg, resume=False, log=print):
     if distributed:
         model_for_step = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda"
                                                                    else None)
-    if cfg.system.compile:
-        model_for_step = torch.compile(model_for_step)
+    if cfg.system.compile:   # fuse each transformer block (model.compile_blocks); eager blocks stay readable
+        n_blocks = model.compile_blocks(net)
+        log(f"compile: {n_blocks} transformer blocks (the first steps are slow while they compile)")
 
     def save(step):
         if main_process:
-            state = {n: t for n, t in net.state_dict(keep_vars=True).items() if n in set(trainable_names)}
+            state = {n: t for n, t in net.state_dict(keep_vars=True).items() if n in trainable_names}
             meta = {"step": step, "stage": cfg.train.stage, "config": cfg.to_dict(), "rng": rng_state()}
             save_checkpoint(out_dir / "ckpt", state, meta, optimizer)
             (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -258,8 +268,9 @@ def train(cfg, resume=False, log=print):
                 loss = model_for_step(**batch) / cfg.train.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        if distributed:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        if distributed:   # the mean over ranks, for the log (DDP already averaged the gradients)
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+            loss_sum = loss_sum / world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip if cfg.train.grad_clip > 0
                                                    else float("inf"))
         if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
@@ -282,11 +293,13 @@ def train(cfg, resume=False, log=print):
             seconds = time.time() - t_last
             row["tokens_per_s"] = round(tokens_since / seconds, 1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            bar.write(f"step {step:5d}/{cfg.train.max_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | "
-                      f"grad norm {row['grad_norm']:.2f} | {row['tokens_per_s']:.0f} tok/s") if main_process else None
+            if main_process:
+                bar.write(f"step {step:5d}/{cfg.train.max_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | "
+                          f"grad norm {row['grad_norm']:.2f} | {row['tokens_per_s']:.0f} tok/s")
             t_last, tokens_since = time.time(), 0
         if main_process and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps):
-            row.update({k: round(v, 5) for k, v in stage.evaluate().items()})
+            with torch.compiler.set_stance("force_eager"):   # evaluation varies shapes; compiling it won't pay
+                row.update({k: round(v, 5) for k, v in stage.evaluate().items()})
             bar.write(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                            if k not in ("step", "loss", "lr", "grad_norm",
                                                                         "tokens_per_s")))
@@ -310,7 +323,7 @@ def load_trainable(net, tensors, trainable_names, strict, where):
     """Copy checkpoint tensors into the trainable parameters, checking names and shapes."""
     params = dict(net.named_parameters())
     unknown = [n for n in tensors if n not in params]
-    missing = [n for n in trainable_names if n not in tensors]
+    missing = sorted(n for n in trainable_names if n not in tensors)
     if unknown or (strict and missing):
         name = (unknown or missing)[0]
         raise config.ConfigError(f"{where}: tensor {name} {'is not in this model' if unknown else 'is missing'}; "

@@ -49,3 +49,25 @@ def test_device_and_precision_say_why():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA"):
             config.choose_device("cuda", log=said.append)
+
+
+# Property: any override string either applies cleanly (and the field keeps its type) or raises
+# ConfigError with one line. Never a TypeError, KeyError or traceback from deep inside.
+from hypothesis import given, settings, strategies as st
+
+KEYS = [f"{section}.{name}" for section, values in config.Config().to_dict().items() for name in values]
+
+
+@settings(max_examples=500, deadline=None)
+@given(key=st.one_of(st.sampled_from(KEYS), st.text(max_size=20)),
+       value=st.one_of(st.text(max_size=30), st.integers().map(str), st.floats().map(repr),
+                       st.sampled_from(["True", "False", "None", "()", "('q_proj',)", "[1, 2]", "{}", "1e-3"])))
+def test_override_parser_never_crashes(key, value):
+    try:
+        cfg = get_config("tiny", [f"--{key}={value}"])
+    except ConfigError as err:
+        assert "\n" not in str(err)
+        return
+    section, name = key.split(".", 1)
+    default = getattr(getattr(get_config("tiny"), section), name)
+    assert type(getattr(getattr(cfg, section), name)) is type(default)

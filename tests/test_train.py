@@ -121,3 +121,22 @@ def test_cli_user_errors_are_one_line(tmp_path, corpus, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, err
+
+
+def test_infer_streams_only_the_answer_to_stdout(tmp_path, corpus, capsys):
+    import infer
+    cfg = tiny_config(tmp_path, corpus, "--train.max_steps=2")
+    train.train(cfg, log=lambda *a: None)
+    audio_lm = infer.load_trained(tmp_path / "out", "cpu")
+    wav = data.read_manifest(corpus / "test.jsonl")[0]["audio"]
+    expected = audio_lm.generate(data.load_audio(wav), max_new_tokens=20)
+    capsys.readouterr()
+    infer.main([wav, "--checkpoint", str(tmp_path / "out"), "--device", "cpu", "--max-new-tokens", "20"])
+    out = capsys.readouterr()
+    assert out.out == expected + "\n"                        # the answer, streamed, and nothing else
+    assert "loaded" in out.err and "answered in" in out.err  # diagnostics go to stderr
+    infer.main(["--wer", str(corpus / "test.jsonl"), "--checkpoint", str(tmp_path / "out"), "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("WER ")
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main([str(tmp_path / "missing.wav"), "--checkpoint", str(tmp_path / "out"), "--device", "cpu"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip().endswith("no such audio file")
