@@ -88,7 +88,7 @@ class TrainConfig:
     init_from: str = ""          # stage 2: a stage-1 checkpoint folder to start from ("" = from scratch)
     batch_size: int = 8          # examples per micro-batch
     grad_accum: int = 1          # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
-    max_steps: int = 600         # optimizer steps (base preset: ~300 steps until it reads audio, ~15% WER at 400)
+    max_steps: int = 500         # optimizer steps (base preset: ~300 steps until it reads audio, ~15% WER at 400)
     lr: float = 2e-3             # peak learning rate (projector and LoRA)
     min_lr: float = 1e-4         # learning rate at the end of the cosine decay
     warmup_steps: int = 30       # linear warmup from 0 to lr

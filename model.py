@@ -644,15 +644,25 @@ def load_weights(module, path, table, owned, ignored=(), dtype=torch.float32):
     return module.to(dtype)
 
 
+def dims_from_config(config_class, path, expected):
+    """config.json -> our dimensions dataclass; a missing key means the wrong kind of checkpoint."""
+    hf = read_config(path)
+    try:
+        return config_class.from_hf(hf)
+    except KeyError as e:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: no {e} entry; this is a {hf.get('model_type', '?')} "
+                              f"checkpoint, not a {expected} one (check --model.encoder / --model.llm)") from None
+
+
 def load_whisper_encoder(path, dtype=torch.float32, attention="sdpa"):
-    cfg = WhisperConfig.from_hf(read_config(path))
+    cfg = dims_from_config(WhisperConfig, path, "Whisper")
     cfg.attention = attention
     encoder = WhisperEncoder(cfg)
     return load_weights(encoder, path, whisper_name_table(cfg.n_layers), owned=("model.encoder.",), dtype=dtype)
 
 
 def load_llm(path, dtype=torch.float32, attention="sdpa"):
-    cfg = LlamaConfig.from_hf(read_config(path))
+    cfg = dims_from_config(LlamaConfig, path, "Llama-family")
     cfg.attention = attention
     llm = Llama(cfg)
     table = llama_name_table(cfg.n_layers, cfg.tie_embeddings)

@@ -176,6 +176,9 @@ def test_loader_errors_name_the_tensor(tmp_path):
         model.load_llm(path)
     with pytest.raises(model.CheckpointError, match="scripts/offline_weights.py"):
         model.resolve_checkpoint("no-such-org/no-such-model", root=str(tmp_path))
+    whisper = model.write_tiny_checkpoint("whisper", tmp_path / "whisper")
+    with pytest.raises(model.CheckpointError, match="this is a whisper checkpoint, not a Llama-family one"):
+        model.load_llm(whisper)
 
 
 def test_sharded_checkpoint_loads(tmp_path, parity):
@@ -200,3 +203,18 @@ def test_tiny_checkpoints_round_trip(tmp_path, parity):
     assert tok.encode("<|im_start|>") == [257] and tok.chatml and tok.end_of_turn_id == 258
     enc = model.load_whisper_encoder(model.write_tiny_checkpoint("whisper", tmp_path / "tiny-whisper"))
     assert enc(torch.randn(1, 80, 50)).shape == (1, 25, 64)
+
+
+def test_sentencepiece_tokenizer_and_plain_template(tmp_path):
+    """A base model without ChatML tokens (e.g. Sarvam-2B) gets a plain "User: ... Assistant:" template,
+    its tokenizer read from tokenizer.model (sentencepiece)."""
+    spm = pytest.importorskip("sentencepiece")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(["turn on the lights", "what is seven plus two", "the sky is blue"] * 50))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tokenizer"), vocab_size=24,
+                                   minloglevel=2)
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    tok = model.Tokenizer(tmp_path)
+    assert tok.decode(tok.encode("turn on the sky")) == "turn on the sky"
+    assert not tok.chatml and tok.end_of_turn_id == tok.eos_id == 2
+    assert tok.chat_prompt("hi") == "User: hi\nAssistant:"
