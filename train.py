@@ -173,13 +173,14 @@ def write_loss_curve(log_rows, path):
 def train(cfg, resume=False, log=print):
     # 3a. processes and devices: one process per GPU under torchrun, else one process
     distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    if distributed:   # torchrun sets RANK, LOCAL_RANK (the GPU on this machine) and WORLD_SIZE
         device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if torch.cuda.is_available() \
             else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
         device = config.choose_device(cfg.system.device, log)
@@ -231,8 +232,9 @@ def train(cfg, resume=False, log=print):
         log(f"initialised {loaded} tensors from {cfg.train.init_from} (stage {meta['stage']}, step {meta['step']})")
     model_for_step = net
     if distributed:
+        # buffers (RoPE tables) never change: no need to broadcast them before every forward
         model_for_step = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda"
-                                                                   else None)
+                                                                   else None, broadcast_buffers=False)
     if cfg.system.compile:   # fuse each transformer block (model.compile_blocks); eager blocks stay readable
         n_blocks = model.compile_blocks(net)
         log(f"compile: {n_blocks} transformer blocks (the first steps are slow while they compile)")
