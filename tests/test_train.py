@@ -140,3 +140,29 @@ def test_infer_streams_only_the_answer_to_stdout(tmp_path, corpus, capsys):
     with pytest.raises(SystemExit) as exit_info:
         infer.main([str(tmp_path / "missing.wav"), "--checkpoint", str(tmp_path / "out"), "--device", "cpu"])
     assert exit_info.value.code == 2 and capsys.readouterr().err.strip().endswith("no such audio file")
+
+
+class Toy(torch.nn.Module):
+    """loss = mean(w * x)^2, or NaN when the batch says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(4, 4))
+
+    def forward(self, x, poison):
+        loss = (self.w * x).mean() ** 2
+        return loss * float("nan") if poison.item() else loss
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    bad = {2, 3} | set(range(6, 100))                         # two lone bad steps, then a long bad run
+    stage = train.Stage(Toy(), lambda i: {"x": torch.ones(4, 4), "poison": torch.tensor(i in bad)},
+                        lambda: {}, tokens=lambda batch: 16)
+    monkeypatch.setattr(train, "build_stage", lambda *args: stage)
+    cfg = tiny_config(tmp_path, tmp_path, "--train.max_steps=50", "--train.warmup_steps=1")
+    said = []
+    with pytest.raises(FloatingPointError, match="10 non-finite steps in a row"):
+        train.train(cfg, log=said.append)
+    assert sum("update skipped" in line for line in said) == 12    # 2 lone ones + 10 in a row
+    tensors, meta, _ = __import__("checkpoint").load_checkpoint(tmp_path / "out" / "ckpt")
+    assert torch.isfinite(tensors["w"]).all()                       # the saved weights never saw a NaN
