@@ -1,0 +1,275 @@
+"""
+IRA stage 2: a Perceiver adapter that turns any audio-token sequence into exactly N vectors the LLM can read.
+
+    EnCodec codes (K x 75/s, any length) -> frozen SpeechLM, blocks 1..layer (unconditional: no text, no voice)
+        -> states (B, T + K, 512) -> PerceiverAdapter -> (B, N, d_llm)
+        -> [chat prefix] [N adapter vectors] [prompt] -> frozen LLM -> transcript / answer
+
+The Perceiver idea (Jaegle et al. 2021; Flamingo's Perceiver Resampler, Alayrac et al. 2022; BLIP-2's
+Q-Former, Li et al. 2023): N learned latent vectors are the queries of a cross-attention whose keys and
+values are the audio states. Attention cost is N x T instead of T x T, and the output has N rows whatever T
+is, so a 1 s clip and a 10 s clip both cost the LLM exactly N positions. L self-attention blocks over the
+latents then let them exchange what they gathered; a last projection maps them to the LLM's width, at the
+scale of its token embeddings. Padded audio is masked out of the keys, so padding cannot change the output.
+
+Training signal (only the adapter trains; SpeechLM and LLM are frozen):
+  - cross-entropy of the LLM predicting the transcript from `[adapter vectors] [prompt]`, and
+  - distillation with the LLM as its own teacher (as DiVA does, Held et al. 2024): the teacher is the same LLM
+    given the transcript as TEXT; the student is the LLM given the adapter vectors. Over the answer tokens,
+    KL(teacher || student) = sum_v p_teacher(v) (log p_teacher(v) - log p_student(v)) pulls the whole
+    next-token distribution, not just the one right token, toward what the LLM would do had it read the text.
+
+Run:
+    python train.py --stage=align                       # reads the stage-1 SpeechLM from out/speechlm
+    python infer.py --pipeline "turn off the lights"   # text -> SpeechLM codes -> adapter -> LLM
+
+Simplified on purpose: one adapter layer choice (the output of one SpeechLM block), no LoRA on the LLM in
+this stage, the teacher sees the transcript in place of the audio with the same instruction.
+"""
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ConfigError
+from model import (AUDIO_MARKER, EncoderBlock, LayerNorm, RMSNorm, WhisperConfig, attention, load_llm,
+                   resolve_checkpoint)
+from speechlm import Stage, load_examples, load_speechlm_checkpoint, pad_stack
+
+# -----------------------------------------------------------------------------
+# 1. The Perceiver adapter
+
+
+class CrossAttentionBlock(nn.Module):
+    """Latents (B, N, C) attend to inputs (B, T, C): pre-LN cross-attention, then a GELU MLP, both residual."""
+
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q_norm, self.kv_norm, self.mlp_norm = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, latents, inputs, key_mask):
+        B, N, C = latents.size()
+        T, hs = inputs.size(1), C // self.n_heads
+        q = self.q_proj(self.q_norm(latents)).view(B, N, self.n_heads, hs).transpose(1, 2)    # (B, nh, N, hs)
+        kv = self.kv_norm(inputs)
+        k = self.k_proj(kv).view(B, T, self.n_heads, hs).transpose(1, 2)                       # (B, nh, T, hs)
+        v = self.v_proj(kv).view(B, T, self.n_heads, hs).transpose(1, 2)
+        y = attention(q, k, v, mask=key_mask)                                                  # (B, nh, N, hs)
+        latents = latents + self.o_proj(y.transpose(1, 2).reshape(B, N, C))
+        return latents + self.fc2(F.gelu(self.fc1(self.mlp_norm(latents))))
+
+
+class PerceiverAdapter(nn.Module):
+    """audio states (B, T, d_audio) + lengths (B,) -> (B, n_latents, d_llm), whatever T is."""
+
+    def __init__(self, d_audio, d_llm, n_latents=32, dim=512, n_heads=8, n_layers=2, embed_rms=1.0):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(n_latents, dim) * 0.02)          # the N learned queries
+        self.in_proj = nn.Linear(d_audio, dim)
+        self.cross = CrossAttentionBlock(dim, n_heads)
+        block_cfg = WhisperConfig(d_model=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=4 * dim)
+        self.blocks = nn.ModuleList(EncoderBlock(block_cfg) for _ in range(n_layers))   # latent self-attention
+        self.out_norm = LayerNorm(dim)
+        self.out_proj = nn.Linear(dim, d_llm)
+        # The LLM's token embeddings have a typical size (RMS 0.136 for SmolLM2-135M): start the outputs there.
+        self.out_scale = RMSNorm(d_llm)
+        with torch.no_grad():
+            self.out_scale.weight.fill_(embed_rms)
+
+    def forward(self, states, lengths):
+        B, T, _ = states.size()
+        key_mask = (torch.arange(T, device=states.device) < lengths[:, None])[:, None, None, :]   # (B, 1, 1, T)
+        x = self.cross(self.latents.expand(B, -1, -1), self.in_proj(states), key_mask)           # (B, N, dim)
+        for block in self.blocks:
+            x = block(x)
+        return self.out_scale(self.out_proj(self.out_norm(x)))                                   # (B, N, d_llm)
+
+
+# -----------------------------------------------------------------------------
+# 2. The losses: the LLM reads the adapter vectors (student) or the transcript (teacher)
+
+def distillation_kl(teacher_logits, student_logits):
+    """Mean over rows of KL(teacher || student) of the next-token distributions, both (n, vocab)."""
+    teacher = teacher_logits.float().log_softmax(-1)
+    student = student_logits.float().log_softmax(-1)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+def chat_example(tokenizer, user, n_audio, answer):
+    """Token ids, audio mask and labels of `[chat prefix] [user text, with n_audio slots at AUDIO_MARKER]
+    [answer] [end of turn]`; labels are -100 except on the answer and the end of turn."""
+    before, _, after = tokenizer.chat_prompt(user).partition(AUDIO_MARKER)    # no marker: after = ""
+    head, tail = tokenizer.encode(before), tokenizer.encode(after)
+    answer = tokenizer.encode(answer) + [tokenizer.end_of_turn_id]
+    ids = head + [tokenizer.pad_id] * n_audio + tail + answer
+    audio_mask = [False] * len(head) + [True] * n_audio + [False] * (len(tail) + len(answer))
+    labels = [-100] * (len(ids) - len(answer)) + answer
+    return torch.tensor(ids), torch.tensor(audio_mask), torch.tensor(labels)
+
+
+class AlignModel(nn.Module):
+    """Frozen SpeechLM -> trainable PerceiverAdapter -> frozen LLM. forward(**batch) = CE + w * KL."""
+
+    def __init__(self, speechlm, adapter, llm, tokenizer, speechlm_layer, distill_weight, prompt):
+        super().__init__()
+        self.speechlm, self.adapter, self.llm, self.tokenizer = speechlm, adapter, llm, tokenizer
+        self.speechlm_layer, self.distill_weight, self.prompt = speechlm_layer, distill_weight, prompt
+        self.speechlm.requires_grad_(False).eval()
+        self.llm.requires_grad_(False).eval()
+
+    def audio_vectors(self, codes, code_lengths):
+        """codes (B, K, T) -> adapter vectors (B, N, d_llm)."""
+        states, lengths = self.speechlm.audio_states(codes, code_lengths, self.speechlm_layer)
+        return self.adapter(states, lengths)
+
+    def answer_logits(self, input_ids, labels, audio_mask=None, vectors=None):
+        """The LLM's logits at the positions that predict the labelled tokens: (n_labelled, vocab)."""
+        embeds = self.llm.embed_tokens(input_ids)                                  # (B, L, d_llm)
+        if vectors is not None:
+            embeds = embeds.masked_scatter(audio_mask[..., None], vectors.to(embeds.dtype))
+        hidden = self.llm(inputs_embeds=embeds, return_hidden=True)                 # (B, L, d_llm)
+        rows = labels[:, 1:] != -100                                                # position t predicts t + 1
+        return self.llm.lm_head(hidden[:, :-1][rows])
+
+    def forward(self, codes, code_lengths, input_ids, audio_mask, labels, teacher_ids, teacher_labels):
+        student = self.answer_logits(input_ids, labels, audio_mask, self.audio_vectors(codes, code_lengths))
+        loss = F.cross_entropy(student.float(), labels[:, 1:][labels[:, 1:] != -100])
+        if self.distill_weight > 0:
+            with torch.no_grad():                                                  # the same answer tokens
+                teacher = self.answer_logits(teacher_ids, teacher_labels)
+            loss = loss + self.distill_weight * distillation_kl(teacher, student)
+        return loss
+
+    @torch.no_grad()
+    def transcribe(self, codes, prompt=None, max_new_tokens=48):
+        """One clip's codes (K, T) -> the LLM's greedy answer to `prompt` (default: the training prompt)."""
+        device = self.adapter.latents.device
+        vectors = self.audio_vectors(codes[None].to(device), torch.tensor([codes.size(1)], device=device))
+        ids, audio_mask, _ = chat_example(self.tokenizer, f"{AUDIO_MARKER}\n{prompt or self.prompt}",
+                                          vectors.size(1), "")
+        n_prefix = len(ids) - 1                                               # drop the empty answer's end
+        embeds = self.llm.embed_tokens(ids[None, :n_prefix].to(device))
+        embeds = embeds.masked_scatter(audio_mask[None, :n_prefix, None].to(device), vectors.to(embeds.dtype))
+        eot = self.tokenizer.end_of_turn_id
+        out = self.llm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, eos_id=eot)[0].tolist()
+        return self.tokenizer.decode([t for t in out if t != eot]).strip()
+
+
+# -----------------------------------------------------------------------------
+# 3. Stage 2 for train.py: the batches, the held-out metrics, and the stage itself
+
+def align_batch(examples, tokenizer, n_latents, prompt):
+    """Examples (speechlm.load_examples) -> AlignModel.forward's keyword arguments."""
+    codes, code_lengths = pad_stack([e["codes"] for e in examples])
+    student = [chat_example(tokenizer, f"{AUDIO_MARKER}\n{prompt}", n_latents, e["text"]) for e in examples]
+    teacher = [chat_example(tokenizer, f"{e['text']}\n\n{prompt}", 0, e["text"]) for e in examples]
+    pad = tokenizer.pad_id
+    return dict(codes=codes, code_lengths=code_lengths,
+                input_ids=pad_stack([s[0] for s in student], pad)[0],
+                audio_mask=pad_stack([s[1] for s in student], False)[0],
+                labels=pad_stack([s[2] for s in student], -100)[0],
+                teacher_ids=pad_stack([t[0] for t in teacher], pad)[0],
+                teacher_labels=pad_stack([t[2] for t in teacher], -100)[0])
+
+
+def judge_generated(align_model, examples, cfg):
+    """Text -> SpeechLM codes -> adapter -> LLM: how often the LLM's transcript of GENERATED speech says the
+    text (WER <= 0.3), and the mean WER of those transcripts."""
+    import data
+    texts, heard = [e["text"] for e in examples], []
+    for e in examples:
+        codes = align_model.speechlm.generate(e["text_ids"], e["desc_ids"], cfg.speechlm.max_seconds,
+                                              temperature=0.8, top_k=50)
+        heard.append(align_model.transcribe(codes.cpu()))
+    said = [data.word_error_rate([t], [h]) <= 0.3 for t, h in zip(texts, heard)]
+    return sum(said) / max(len(said), 1), data.word_error_rate(texts, heard)
+
+
+def build_align_model(cfg, device, log=print):
+    """Frozen stage-1 SpeechLM + fresh PerceiverAdapter + frozen LLM (int8 with --system.precision=int8).
+    Returns the AlignModel, the tokenizer and the config (the SpeechLM's dimensions from its checkpoint)."""
+    from config import choose_precision
+    from lora import quantize_int8_
+    speechlm, tokenizer, cfg = load_speechlm_checkpoint(cfg.adapter.speechlm_checkpoint, cfg, log)
+    dtype, int8 = choose_precision(cfg.system.precision, device, log)
+    llm = load_llm(resolve_checkpoint(cfg.model.llm), dtype, cfg.model.attention)
+    embed_rms = llm.embed_tokens.weight.float().pow(2).mean().sqrt().item()          # typical token size
+    if int8:
+        quantize_int8_(llm)
+    a = cfg.adapter
+    adapter = PerceiverAdapter(cfg.speechlm.d_model, llm.cfg.d_model, a.n_latents, a.d_model, a.n_heads,
+                               a.n_layers, embed_rms)
+    model = AlignModel(speechlm, adapter, llm, tokenizer, a.speechlm_layer, a.distill_weight, a.prompt)
+    model = model.to(device)
+    log(f"adapter: {cfg.adapter.n_latents} latents, {sum(p.numel() for p in adapter.parameters()) / 1e6:.1f}M "
+        f"trainable parameters; reads SpeechLM block {cfg.adapter.speechlm_layer}")
+    return model, tokenizer, cfg
+
+
+def load_align_model(cfg, align_checkpoint, device, log=print):
+    """For inference: build_align_model, then the trained adapter from a stage-2 output folder."""
+    from safetensors.torch import load_file
+    model, tokenizer, cfg = build_align_model(cfg, device, log)
+    path = Path(align_checkpoint)
+    file = path / "ckpt" / "model.safetensors" if (path / "ckpt").exists() else path / "model.safetensors"
+    if not file.exists():
+        raise ConfigError(f"{file}: no stage-2 adapter checkpoint; run python train.py --stage=align first")
+    tensors = {n.removeprefix("adapter."): t for n, t in load_file(str(file)).items()
+               if n.startswith("adapter.")}
+    ours = model.adapter.state_dict()
+    if set(tensors) != set(ours) or any(tensors[n].shape != ours[n].shape for n in ours):
+        raise ConfigError(f"{file}: adapter tensors do not match the --adapter.* settings "
+                          f"(n_latents, d_model, n_layers)")
+    model.adapter.load_state_dict(tensors)
+    return model.eval(), tokenizer, cfg
+
+
+def pipeline(align_model, codec, text, description=None, prompt=None, max_seconds=10.0, temperature=0.8,
+             top_k=50):
+    """text -> SpeechLM codes -> (waveform through the codec, and the LLM's response to the same codes
+    through the adapter). Returns (waveform (samples,) at 24 kHz, response)."""
+    from speechlm import speak
+    codes, waveform = speak(align_model.speechlm, align_model.tokenizer, codec, text, description, max_seconds,
+                            temperature, top_k)
+    return waveform, align_model.transcribe(codes.cpu(), prompt)
+
+
+def build_align_stage(cfg, device, log=print):
+    """Stage 2: SpeechLM (from stage 1) and LLM frozen; the Perceiver adapter learns to speak LLM."""
+    model, tokenizer, cfg = build_align_model(cfg, device, log)
+    corpus = Path(cfg.data.corpus)
+    train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log)
+    test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log)
+    B, N, seed = cfg.train.batch_size, cfg.adapter.n_latents, cfg.system.seed
+
+    def batch(i):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + i)                # a pure function of i
+        chosen = torch.randint(len(train_examples), (B,), generator=generator).tolist()
+        return align_batch([train_examples[j] for j in chosen], tokenizer, N, cfg.adapter.prompt)
+
+    def evaluate(net=None):
+        import data
+        net = model if net is None else net
+        was_training = net.training
+        net.eval()
+        held_out = test_examples[: cfg.train.eval_samples]
+        with torch.no_grad():
+            parts = [align_batch(held_out[s: s + B], tokenizer, N, cfg.adapter.prompt)
+                     for s in range(0, len(held_out), B)]
+            losses = [net(**{k: v.to(device) for k, v in p.items()}).item() for p in parts]
+            heard = [net.transcribe(e["codes"]) for e in held_out]
+            metrics = {"test_loss": sum(losses) / len(losses),
+                       "wer": data.word_error_rate([e["text"] for e in held_out], heard)}
+            if cfg.adapter.eval_generate:
+                metrics["generated_said"], metrics["generated_wer"] = judge_generated(
+                    net, test_examples[: cfg.adapter.eval_generate], cfg)
+        net.train(was_training)
+        net.speechlm.eval(), net.llm.eval()
+        return metrics
+
+    return Stage(model, batch, evaluate, tokens=lambda b: int(b["input_ids"].numel()))

@@ -1,0 +1,727 @@
+"""
+IRA stage 1: a SpeechLM that speaks in EnCodec tokens, and a CLIP-style VoiceEncoder that tells it whose voice.
+
+    text ("turn off the lights") + voice description ("a slow, low-pitched male voice")
+        -> SpeechLM (8 causal blocks over [voice] [text tokens] [audio codes]) -> EnCodec codes (K x 75/s)
+        -> EnCodec decoder -> 24 kHz waveform
+
+Reading order (each section uses only the ones above it):
+  1. EnCodec as a tokenizer. A 24 kHz waveform becomes K parallel streams of codes, 75 frames per second,
+     1024 entries per codebook (residual vector quantization: codebook k quantizes what codebooks < k left).
+     1.5 kbps = 2 codebooks = 150 tokens per second. `encode_manifest_codes` runs the codec ONCE per corpus
+     and stores int16 .npy files beside the manifest, so training never runs the codec. Without the real
+     weights (no download here), `encodec_model_24khz(pretrained=False)` has random convolutions and EMPTY
+     codebooks (all zeros, `inited = 0`: EnCodec fills them by k-means when its training starts), so every
+     frame would get code 0. We do that one step of its training: seeded k-means over the random encoder's
+     frames of the corpus's first ~3.6 minutes, one codebook per residual, saved beside the codes.
+  2. The delay pattern (MusicGen, Copet et al. 2023). One transformer step predicts all K codebooks of a
+     column at once; codebook k is shifted right by k steps, so codebook k of frame t is predicted after
+     codebooks < k of frame t are already known (they came one step earlier). For K = 3, T = 4 frames:
+
+            step:   0    1    2    3    4    5            a/b/c = codebooks 0/1/2, digits = frames
+        book 0:    a0   a1   a2   a3   .    .             "." = PAD, the filler of the empty corners
+        book 1:    .    b0   b1   b2   b3   .
+        book 2:    .    .    c0   c1   c2   c3            T frames -> T + K - 1 steps, exactly invertible
+
+  3. VoiceEncoder (CLIP, Radford et al. 2021; voice descriptions as in Parler-TTS, Lyth & King 2024): a small
+     text encoder over the description and a small audio encoder over the codes, both projected into one
+     space and trained with a symmetric InfoNCE loss at a learned temperature. Clips whose descriptions are
+     the same text count as positives of each other (a batch often holds two "slow male British" clips).
+  4. SpeechLM: Llama blocks (model.LlamaBlock: RMSNorm, RoPE, SwiGLU) over
+     `[voice embedding] [text tokens of the LLM's tokenizer] [BOS] [delayed code columns]`, one embedding
+     table and one output head per codebook (a column's input is the sum of its K embeddings), cross-entropy
+     on audio positions only. A frame of END codes marks the end of speech, so generate() knows when to stop.
+     With probability `uncond_prob` the voice and text are dropped (classifier-free-guidance style): the
+     model then also knows audio on its own, which is how the adapter (adapter.py) reads it.
+  5. Stage 1 for train.py: micro-batches (a pure function of their number), the model's loss, evaluation.
+
+Run:
+    python train.py --stage=speechlm                      # encodes corpus codes once, then trains
+    python infer.py --speak "turn off the lights" --voice "a fast, high-pitched female voice" --out out.wav
+
+Simplified on purpose: EnCodec's weights cannot be downloaded everywhere; without them the codec runs
+UNTRAINED (seeded encoder, k-means codebooks, see section 1): its codes still tokenize audio, but decoded audio
+is noise. No classifier-free guidance at sampling time, no prompt audio (voice cloning), batch-1 generation.
+"""
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ConfigError
+from model import (EncoderBlock, KVCache, LayerNorm, LlamaBlock, LlamaConfig, RMSNorm, Tokenizer, WhisperConfig,
+                   read_config, resolve_checkpoint, rope_tables, sample_next_token)
+
+# -----------------------------------------------------------------------------
+# 1. EnCodec as a tokenizer: load it (real weights or untrained), waveform <-> codes, codes on disk
+
+CODEC_SAMPLE_RATE = 24000                  # Hz: the 24 kHz EnCodec model
+CODEC_FRAME_RATE = 75                      # frames per second: 24000 / 320 (the encoder's total stride)
+CODEBOOK_SIZE = 1024                       # entries per codebook: 10 bits per code
+CODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"   # the file name encodec looks for in `repository=`
+UNTRAINED_SEED = 0                         # seeds the untrained codec's weights and its k-means
+KMEANS_FRAMES = 16384                      # encoder frames (~3.6 min of audio) the untrained codebooks fit on
+KMEANS_ITERS = 10                          # Lloyd iterations per codebook
+_warned = False                            # True once the download failed and we said so
+
+
+def n_codebooks(bandwidth):
+    """kbps -> codebooks: each codebook costs 75 frames/s * 10 bits = 0.75 kbps (1.5 -> 2, 6 -> 8)."""
+    return int(round(bandwidth * 1000 / (CODEC_FRAME_RATE * 10)))
+
+
+def kmeans(x, n_clusters, iters, generator):
+    """Plain Lloyd k-means on x (N, D): init from distinct random rows; an empty cluster keeps its centre.
+    Distances through ||c||^2 - 2 x.c (one matmul) rather than an (N, n_clusters, D) difference tensor."""
+    start = torch.randperm(x.size(0), generator=generator)[:n_clusters]              # distinct rows ...
+    if len(start) < n_clusters:                                                       # ... or repeats if few
+        start = torch.cat([start, torch.randint(x.size(0), (n_clusters - len(start),), generator=generator)])
+    centres = x[start].clone()                                                        # (n_clusters, D)
+    for _ in range(iters):
+        assign = (centres.pow(2).sum(1)[None] - 2 * x @ centres.T).argmin(1)           # (N,)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=n_clusters)[:, None]
+        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
+    return centres
+
+
+class Codec:
+    """EnCodec 24 kHz at one bandwidth: waveform (samples,) <-> codes (K, frames). `name` says which weights:
+    'encodec_24khz' (real) or 'encodec_24khz-untrained'; `fingerprint` is a hash of every weight."""
+
+    def __init__(self, encodec_model, bandwidth, pretrained):
+        self.model, self.bandwidth, self.pretrained = encodec_model.eval(), bandwidth, pretrained
+        self.model.set_target_bandwidth(bandwidth)
+        self.n_codebooks = n_codebooks(bandwidth)
+        self.name = "encodec_24khz" if pretrained else "encodec_24khz-untrained"
+
+    def codebooks(self):
+        """The EuclideanCodebook modules of the first K residual quantizers."""
+        return [layer._codebook for layer in self.model.quantizer.vq.layers[: self.n_codebooks]]
+
+    def fingerprint(self):
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    @torch.inference_mode()
+    def features(self, wav):
+        """(samples,) at 24 kHz -> the encoder's (frames, 128) vectors, before quantization."""
+        return self.model.encoder(wav.float()[None, None])[0].T
+
+    @torch.inference_mode()
+    def encode(self, wav):
+        """(samples,) at 24 kHz -> codes (K, ceil(samples / 320)), int64."""
+        frames = self.model.encode(wav.float()[None, None])           # [(codes (1, K, T), scale None)]
+        return frames[0][0][0]
+
+    @torch.inference_mode()
+    def decode(self, codes):
+        """codes (K, T) -> waveform (T * 320,) at 24 kHz."""
+        return self.model.decode([(codes.long()[None], None)])[0, 0]
+
+    def fit_codebooks(self, waveforms):
+        """Untrained codec only: k-means codebooks, residual by residual, on the encoder's frames of these
+        clips (EnCodec itself starts training the same way: k-means on its first batch). Deterministic."""
+        x = torch.cat([self.features(w) for w in waveforms])[:KMEANS_FRAMES]             # (N, 128)
+        generator = torch.Generator().manual_seed(UNTRAINED_SEED)
+        for codebook in self.codebooks():
+            centres = kmeans(x, CODEBOOK_SIZE, KMEANS_ITERS, generator)                   # (1024, 128)
+            codebook.embed.copy_(centres), codebook.embed_avg.copy_(centres), codebook.inited.fill_(1)
+            x = x - centres[(centres.pow(2).sum(1)[None] - 2 * x @ centres.T).argmin(1)]   # the residual
+
+    def save_codebooks(self, path):
+        from safetensors.torch import save_file
+        save_file({f"codebook.{k}": c.embed.contiguous() for k, c in enumerate(self.codebooks())}, str(path))
+
+    def load_codebooks(self, path):
+        from safetensors.torch import load_file
+        tensors = load_file(str(path))
+        for k, codebook in enumerate(self.codebooks()):
+            codebook.embed.copy_(tensors[f"codebook.{k}"]), codebook.embed_avg.copy_(tensors[f"codebook.{k}"])
+            codebook.inited.fill_(1)
+
+
+def load_codec(codec_dir="", bandwidth=1.5, log=print):
+    """The real EnCodec 24 kHz when its weights can be had (`codec_dir` holding encodec_24khz-d7cc33bc.th,
+    or the package's own download), else the same architecture untrained, with one loud warning."""
+    global _warned
+    from encodec import EncodecModel
+    warnings.filterwarnings("ignore", message=".*weight_norm.*")      # encodec uses the older weight_norm API
+    if codec_dir:
+        if not (Path(codec_dir) / CODEC_CHECKPOINT).exists():
+            raise ConfigError(f"{codec_dir}/{CODEC_CHECKPOINT}: missing; put EnCodec's 24 kHz checkpoint there "
+                             f"or set --speechlm.codec='' to use the download (or the untrained codec)")
+        return Codec(EncodecModel.encodec_model_24khz(repository=Path(codec_dir)), bandwidth, pretrained=True)
+    if not _warned:                                # one download attempt (and one warning) per process
+        try:
+            return Codec(EncodecModel.encodec_model_24khz(pretrained=True), bandwidth, pretrained=True)
+        except Exception as error:                 # offline: no download possible
+            log("!" * 100 + f"\n!! EnCodec weights unavailable ({type(error).__name__}): using an UNTRAINED "
+                "EnCodec (seeded weights, k-means codebooks).\n!! Its codes still tokenize audio (k-means "
+                "clusters of its random features), but DECODED AUDIO IS NOISE.\n!! For real speech put "
+                f"{CODEC_CHECKPOINT} in a folder and set --speechlm.codec=<folder>.\n" + "!" * 100)
+            _warned = True
+    with torch.random.fork_rng():                  # the same untrained weights on every run and machine
+        torch.manual_seed(UNTRAINED_SEED)
+        return Codec(EncodecModel.encodec_model_24khz(pretrained=False), bandwidth, pretrained=False)
+
+
+def codes_dir_for(manifest_path, bandwidth):
+    return Path(manifest_path).parent / f"codes-{bandwidth}kbps"
+
+
+def codes_path(codes_dir, audio_path, root):
+    """Where one clip's codes live: its audio path relative to the manifest's folder, with .npy."""
+    try:
+        return codes_dir / Path(audio_path).relative_to(root).with_suffix(".npy")
+    except ValueError:                             # audio outside the corpus folder: name it by a hash
+        return codes_dir / "other" / (hashlib.sha1(str(audio_path).encode()).hexdigest()[:16] + ".npy")
+
+
+def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print, codec=None):
+    """Encode every clip of a manifest once into `codes-<bandwidth>kbps/<audio path>.npy` (int16, (K, T))
+    beside it, with `codec.json` saying which codec weights made them. Clips already encoded are skipped.
+    An untrained codec fits its codebooks on this manifest's first clips and saves them there (so the next
+    manifest of the corpus reuses them). Refuses to add codes from other weights to a folder."""
+    import data
+    manifest_path = Path(manifest_path)
+    root, codes_dir = manifest_path.parent.resolve(), codes_dir_for(manifest_path, bandwidth)
+    audio_paths = list(dict.fromkeys(row["audio"] for row in data.read_manifest(manifest_path)))  # unique
+    info_file = codes_dir / "codec.json"
+    todo = [p for p in audio_paths if not codes_path(codes_dir, p, root).exists()]
+    if info_file.exists() and not todo:           # all there: no need to even build the codec
+        made_by = json.loads(info_file.read_text())["codec"]
+        if codec_dir and made_by != "encodec_24khz":
+            raise ConfigError(f"{codes_dir}: codes were made by {made_by} but --speechlm.codec={codec_dir} "
+                              f"asks for real weights; delete {codes_dir} to re-encode")
+        return codes_dir
+    codec = codec or load_codec(codec_dir, bandwidth, log)
+    codes_dir.mkdir(parents=True, exist_ok=True)
+    if not codec.pretrained:
+        codebook_file = codes_dir / "codebooks.safetensors"
+        if codebook_file.exists():
+            codec.load_codebooks(codebook_file)
+        else:
+            clips, frames = [], 0
+            for path in audio_paths:               # the first clips, up to KMEANS_FRAMES frames
+                clips.append(data.load_audio(path, sr=CODEC_SAMPLE_RATE))
+                frames += clips[-1].numel() // 320
+                if frames >= KMEANS_FRAMES:
+                    break
+            log(f"untrained codec: fitting {codec.n_codebooks} k-means codebooks on {frames} frames")
+            codec.fit_codebooks(clips)
+            codec.save_codebooks(codebook_file)
+    info = {"codec": codec.name, "fingerprint": codec.fingerprint(), "bandwidth": bandwidth,
+            "n_codebooks": codec.n_codebooks, "frame_rate": CODEC_FRAME_RATE, "sample_rate": CODEC_SAMPLE_RATE}
+    if info_file.exists():
+        old = json.loads(info_file.read_text())
+        if (old["codec"], old["fingerprint"]) != (info["codec"], info["fingerprint"]):
+            raise ConfigError(f"{codes_dir}: codes were made by {old['codec']} ({old['fingerprint']}) but "
+                              f"this codec is {info['codec']} ({info['fingerprint']}); delete {codes_dir} to "
+                              f"re-encode")
+    info_file.write_text(json.dumps(info, indent=1) + "\n")
+    if todo:
+        log(f"encoding {len(todo)} clips of {manifest_path} with {codec.name} at {bandwidth} kbps "
+            f"-> {codes_dir}")
+    for i, path in enumerate(todo):
+        codes = codec.encode(data.load_audio(path, sr=CODEC_SAMPLE_RATE))          # (K, T)
+        out = codes_path(codes_dir, path, root)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, codes.numpy().astype(np.int16))                                # 10-bit codes fit int16
+        if (i + 1) % 200 == 0:
+            log(f"  {i + 1}/{len(todo)} clips encoded")
+    return codes_dir
+
+
+def read_codes(manifest_path, audio_paths, bandwidth):
+    """The stored codes of these clips, as int64 tensors (K, T), plus the codec.json they came with."""
+    manifest_path = Path(manifest_path)
+    codes_dir = codes_dir_for(manifest_path, bandwidth)
+    info = json.loads((codes_dir / "codec.json").read_text())
+    root = manifest_path.parent.resolve()
+    codes = [torch.from_numpy(np.load(codes_path(codes_dir, p, root)).astype(np.int64)) for p in audio_paths]
+    return codes, info
+
+
+# -----------------------------------------------------------------------------
+# 2. The delay pattern: K codebooks interleaved one step apart (see the picture in the docstring)
+
+PAD, BOS, END = CODEBOOK_SIZE, CODEBOOK_SIZE + 1, CODEBOOK_SIZE + 2   # ids after the 1024 codes
+CODE_VOCAB = CODEBOOK_SIZE + 3                                         # embedding rows / head outputs per book
+
+
+def apply_delay(codes, pad=PAD):
+    """(..., K, T) -> (..., K, T + K - 1): codebook k moves k steps right; the corners are `pad`."""
+    K, T = codes.shape[-2:]
+    out = codes.new_full((*codes.shape[:-1], T + K - 1), pad)
+    for k in range(K):
+        out[..., k, k: k + T] = codes[..., k, :]
+    return out
+
+
+def undo_delay(delayed):
+    """(..., K, S) -> (..., K, S - K + 1): the exact inverse of apply_delay."""
+    K, S = delayed.shape[-2:]
+    return torch.stack([delayed[..., k, k: k + S - K + 1] for k in range(K)], dim=-2)
+
+
+# -----------------------------------------------------------------------------
+# 3. VoiceEncoder: descriptions and codes in one space, CLIP-style
+
+def masked_mean(x, lengths):
+    """x (B, T, C), lengths (B,) -> (B, C): the mean over each row's first `length` positions."""
+    keep = (torch.arange(x.size(1), device=x.device) < lengths[:, None]).to(x.dtype)[..., None]   # (B, T, 1)
+    return (x * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
+def info_nce(audio, text, logit_scale, same=None):
+    """Symmetric InfoNCE over a batch of unit vectors audio (B, D), text (B, D). Row i's positives are the
+    columns j with same[i, j] (default: only j = i); the target spreads evenly over them."""
+    logits = logit_scale.exp() * audio @ text.T                                  # (B, B) cosine * 1/temperature
+    same = torch.eye(len(audio), dtype=torch.bool, device=audio.device) if same is None else same
+    target = same.float() / same.float().sum(1, keepdim=True)                    # (B, B) rows sum to 1
+    audio_to_text = -(target * logits.log_softmax(1)).sum(1).mean()
+    text_to_audio = -(target.T * logits.T.log_softmax(1)).sum(1).mean()
+    return (audio_to_text + text_to_audio) / 2
+
+
+class VoiceEncoder(nn.Module):
+    """embed_text(description ids) and embed_audio(codes) -> unit vectors (B, dim) in one shared space."""
+
+    def __init__(self, text_vocab, n_codebooks, dim=256, n_layers=2, n_heads=4, max_text=64, max_frames=1024):
+        super().__init__()
+        block_cfg = WhisperConfig(d_model=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=4 * dim)
+        self.max_text, self.stride = max_text, 4
+        self.text_embed = nn.Embedding(text_vocab, dim)
+        self.text_pos = nn.Embedding(max_text, dim)
+        self.text_blocks = nn.ModuleList(EncoderBlock(block_cfg) for _ in range(n_layers))
+        self.text_norm, self.text_proj = LayerNorm(dim), nn.Linear(dim, dim, bias=False)
+        self.code_embed = nn.ModuleList(nn.Embedding(CODEBOOK_SIZE, dim) for _ in range(n_codebooks))
+        self.audio_down = nn.Conv1d(dim, dim, kernel_size=self.stride, stride=self.stride)   # 75 -> 18.75 /s
+        self.audio_pos = nn.Embedding(max_frames // self.stride + 1, dim)
+        self.audio_blocks = nn.ModuleList(EncoderBlock(block_cfg) for _ in range(n_layers))
+        self.audio_norm, self.audio_proj = LayerNorm(dim), nn.Linear(dim, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))      # CLIP's initial temperature
+
+    def _encode(self, x, lengths, blocks, norm, proj):
+        key_mask = (torch.arange(x.size(1), device=x.device) < lengths[:, None])[:, None, None, :]  # (B,1,1,T)
+        for block in blocks:
+            x = block(x, key_mask)
+        return F.normalize(proj(masked_mean(norm(x), lengths)), dim=-1)           # (B, dim), unit length
+
+    def embed_text(self, ids, lengths):
+        """ids (B, L) description tokens, right-padded -> (B, dim)."""
+        ids, lengths = ids[:, : self.max_text], lengths.clamp(max=self.max_text)
+        x = self.text_embed(ids) + self.text_pos.weight[: ids.size(1)]           # (B, L, dim)
+        return self._encode(x, lengths, self.text_blocks, self.text_norm, self.text_proj)
+
+    def embed_audio(self, codes, lengths):
+        """codes (B, K, T) right-padded (any id < 1024 in the padding), lengths (B,) frames -> (B, dim)."""
+        x = sum(embed(codes[:, k].clamp(max=CODEBOOK_SIZE - 1)) for k, embed in enumerate(self.code_embed))
+        x = F.pad(x.transpose(1, 2), (0, (-x.size(1)) % self.stride))            # (B, dim, T) -> multiple of 4
+        x = self.audio_down(x).transpose(1, 2)                                   # (B, T / 4, dim)
+        x = x + self.audio_pos.weight[: x.size(1)]
+        return self._encode(x, (lengths + self.stride - 1) // self.stride, self.audio_blocks, self.audio_norm,
+                            self.audio_proj)
+
+    def loss(self, codes, code_lengths, desc_ids, desc_lengths, same=None):
+        return info_nce(self.embed_audio(codes, code_lengths), self.embed_text(desc_ids, desc_lengths),
+                        self.logit_scale.clamp(max=math.log(100)), same)        # temperature >= 0.01
+
+
+# -----------------------------------------------------------------------------
+# 4. SpeechLM: [voice] [text] [BOS] [delayed code columns] -> next column, one head per codebook
+
+def speechlm_llama_config(cfg, max_positions):
+    """The Llama-block dimensions of a SpeechLMConfig (multi-head attention: as many kv heads as heads)."""
+    return LlamaConfig(vocab_size=CODE_VOCAB, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                       n_kv_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, rope_theta=10000.0, norm_eps=1e-5,
+                       max_positions=max_positions)
+
+
+class SpeechLM(nn.Module):
+    def __init__(self, cfg, text_vocab, n_codebooks, max_text=64):
+        super().__init__()
+        self.K, self.max_text = n_codebooks, max_text
+        max_frames = int(cfg.max_seconds * CODEC_FRAME_RATE)                       # 750 for 10 s
+        self.lcfg = speechlm_llama_config(cfg, max_positions=1 + max_text + max_frames + n_codebooks + 1)
+        self.voice = VoiceEncoder(text_vocab, n_codebooks, cfg.voice_dim, cfg.voice_layers,
+                                  max_frames=max_frames)
+        self.voice_proj = nn.Linear(cfg.voice_dim, cfg.d_model)                  # shared space -> one position
+        # the voice slot when unconditional; random, not zero: RMSNorm's gradient at 0 is 1/sqrt(eps) = 316
+        self.null_voice = nn.Parameter(0.02 * torch.randn(cfg.d_model))
+        self.text_embed = nn.Embedding(text_vocab, cfg.d_model)
+        self.code_embed = nn.ModuleList(nn.Embedding(CODE_VOCAB, cfg.d_model) for _ in range(n_codebooks))
+        self.blocks = nn.ModuleList(LlamaBlock(self.lcfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, 1e-5)
+        self.heads = nn.ModuleList(nn.Linear(cfg.d_model, CODE_VOCAB, bias=False) for _ in range(n_codebooks))
+        cos, sin = rope_tables(self.lcfg.head_dim, self.lcfg.max_positions, self.lcfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, p in self.named_parameters():                                   # GPT-2's small init
+            if p.dim() == 2 and not name.startswith("voice."):
+                nn.init.normal_(p, std=0.02)
+
+    def embed_columns(self, columns):
+        """columns (B, K, S) of code ids -> (B, S, C): the K embeddings of each column summed (MusicGen)."""
+        return sum(embed(columns[:, k]) for k, embed in enumerate(self.code_embed))
+
+    def voice_vector(self, desc_ids, desc_lengths, uncond):
+        """(B, C): the projected description embedding (not trained by this loss), or null_voice."""
+        with torch.no_grad():
+            voice = self.voice.embed_text(desc_ids, desc_lengths)                  # (B, voice_dim)
+        return torch.where(uncond[:, None], self.null_voice, self.voice_proj(voice))
+
+    def run(self, x, cache=None, stop_after=None):
+        """x (B, T, C) -> hidden states (B, T, C) after the final norm, or, with stop_after=n, the raw output
+        of block n (1-based; what the adapter reads). With a cache, x continues the cached positions."""
+        start = cache.length if cache is not None else 0
+        cos, sin = self.rope_cos[start: start + x.size(1)], self.rope_sin[start: start + x.size(1)]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+            if stop_after == i + 1:
+                return x
+        if cache is not None:
+            cache.length += x.size(1)
+        return self.norm(x)
+
+    def sequence(self, voice, text_ids, text_lengths, audio_in, audio_lengths):
+        """Right-padded input embeddings (B, T, C) of [voice] [text] [audio columns], and the position of
+        each row's first audio column (B,). audio_in (B, K, A) starts with the BOS column."""
+        text, audio = self.text_embed(text_ids), self.embed_columns(audio_in)     # (B, L, C), (B, A, C)
+        rows = [torch.cat([voice[b, None], text[b, : text_lengths[b]], audio[b, : audio_lengths[b]]])
+                for b in range(len(voice))]
+        T = max(len(r) for r in rows)
+        x = torch.stack([F.pad(r, (0, 0, 0, T - len(r))) for r in rows])          # (B, T, C)
+        return x, 1 + text_lengths
+
+    def forward(self, desc_ids, desc_lengths, uncond, text_ids, text_lengths, audio_in, audio_targets,
+                audio_lengths):
+        """Mean cross-entropy over the audio targets (B, K, A) that are not -100; text positions have none."""
+        voice = self.voice_vector(desc_ids, desc_lengths, uncond)
+        x, audio_start = self.sequence(voice, text_ids, text_lengths, audio_in, audio_lengths)
+        hidden = self.run(x)                                                         # (B, T, C)
+        A = audio_in.size(2)
+        where = (audio_start[:, None] + torch.arange(A, device=x.device)).clamp(max=x.size(1) - 1)  # (B, A)
+        hidden = hidden.gather(1, where[..., None].expand(-1, -1, hidden.size(2)))   # (B, A, C) audio rows
+        losses = [F.cross_entropy(head(hidden).flatten(0, 1).float(), audio_targets[:, k].flatten(),
+                                  ignore_index=-100, reduction="sum") for k, head in enumerate(self.heads)]
+        return sum(losses) / (audio_targets != -100).sum().clamp(min=1)
+
+    @torch.no_grad()
+    def audio_states(self, codes, lengths, layer):
+        """The adapter's view of audio: codes (B, K, T) alone (unconditional: null voice, no text), run
+        through blocks 1..layer. Returns the states at the audio columns (B, T + K, C) and how many of them
+        are real (lengths + K: BOS, the T + K - 1 delayed columns; each column holds frame t's codebook 0
+        next to frame t - k's codebook k). Right padding and causal attention: padding changes nothing."""
+        B = codes.size(0)
+        audio_in, _ = audio_columns(codes, lengths)                                  # (B, K, T + K)
+        x = torch.cat([self.null_voice.expand(B, 1, -1), self.embed_columns(audio_in)], dim=1)
+        return self.run(x, stop_after=layer)[:, 1:], lengths + self.K               # (B, T + K, C), (B,)
+
+    def allowed(self, step, k, ended_at):
+        """Which ids codebook k may take at delayed step `step`: PAD in the delay corners (before the
+        codebook starts, after its END), END only as codebook 0's way to stop, otherwise a code."""
+        if step < k or (ended_at is not None and step >= ended_at + k):
+            return "pad"
+        return "code_or_end" if k == 0 else "code"
+
+    @torch.no_grad()
+    def generate(self, text_ids, desc_ids=None, max_seconds=10.0, temperature=1.0, top_k=None):
+        """One utterance: text_ids (L,) + description ids (Ld,) or None -> codes (K, T), with a KV cache.
+        Greedy at temperature 0. Codebook 0 ends the speech with END (forced at max_seconds); K - 1 more
+        steps then finish the other codebooks' delayed tails."""
+        device = self.null_voice.device
+        uncond = torch.tensor([desc_ids is None], device=device)
+        desc = desc_ids if desc_ids is not None else torch.zeros(1, dtype=torch.long)
+        voice = self.voice_vector(desc[None].to(device), torch.tensor([len(desc)], device=device), uncond)
+        bos = torch.full((1, self.K, 1), BOS, device=device)
+        x, _ = self.sequence(voice, text_ids[None].to(device), torch.tensor([len(text_ids)], device=device),
+                             bos, torch.tensor([1], device=device))
+        max_frames = int(max_seconds * CODEC_FRAME_RATE)
+        cache = KVCache(self.lcfg, 1, x.size(1) + max_frames + self.K, device, x.dtype)
+        hidden, columns, ended_at = self.run(x, cache)[:, -1], [], None              # (1, C)
+        for step in range(max_frames + self.K):
+            column = torch.empty(self.K, dtype=torch.long, device=device)
+            for k, head in enumerate(self.heads):
+                rule = self.allowed(step, k, ended_at)
+                if rule == "pad":
+                    column[k] = PAD
+                    continue
+                banned = torch.arange(CODE_VOCAB, device=device) >= CODEBOOK_SIZE        # PAD, BOS, END
+                if rule == "code_or_end":
+                    banned[END] = False
+                logits = head(hidden).float().masked_fill(banned, float("-inf"))        # (1, CODE_VOCAB)
+                column[k] = sample_next_token(logits, temperature, top_k)[0]
+            if ended_at is None and (column[0] == END or step == max_frames):
+                column[0], ended_at = END, step                                     # frame `step` is END
+            columns.append(column)
+            if ended_at is not None and step == ended_at + self.K - 1:
+                break
+            hidden = self.run(self.embed_columns(column[None, :, None]), cache)[:, -1]
+        delayed = torch.stack(columns, dim=1)                                        # (K, T + K)
+        return undo_delay(delayed)[:, :ended_at]                                     # (K, T): END frame dropped
+
+
+def audio_columns(codes, lengths):
+    """Teacher-forcing inputs and targets for codes (B, K, T) right-padded, lengths (B,) frames:
+    append one END frame, delay, then inputs = [BOS column] + columns[:-1], targets = columns with the
+    PAD corners and the padding set to -100. Both (B, K, T + K); a row has lengths + K real columns."""
+    B, K, T = codes.shape
+    frame = torch.arange(T + 1, device=codes.device)
+    ext = torch.cat([codes, torch.zeros_like(codes[..., :1])], dim=-1)               # (B, K, T + 1)
+    ext = torch.where(frame == lengths[:, None, None], END, ext)                      # END after the last frame
+    ext = torch.where(frame > lengths[:, None, None], PAD, ext)                       # padding
+    delayed = apply_delay(ext)                                                        # (B, K, T + K)
+    inputs = torch.cat([torch.full_like(delayed[..., :1], BOS), delayed[..., :-1]], dim=-1)
+    targets = delayed.masked_fill(delayed == PAD, -100)
+    return inputs, targets
+
+
+# -----------------------------------------------------------------------------
+# 5. Stage 1 for train.py: the examples, micro-batches, the training loss and the held-out metrics
+
+@dataclass
+class Stage:
+    """What train.py needs from a stage (the same fields as train.Stage; adapter.py reuses this one)."""
+    model: nn.Module                        # model(**batch) -> scalar loss; only trainable parts need grad
+    batch: Callable[[int], dict]            # micro-batch number i -> dict of CPU tensors (a pure function of i)
+    evaluate: Callable[..., dict]           # () or (model) -> held-out metrics
+    tokens: Callable[[dict], int]           # tokens in a batch, for train.py's tokens/s
+
+    @property
+    def train_batches(self):
+        """The micro-batches as an endless iterator: batch(0), batch(1), ..."""
+        return (self.batch(i) for i in count())
+
+
+def describe(row):
+    """A row's voice description: the corpus's own (`voice_description`), else made from its voice."""
+    if row.get("voice_description") or row.get("description"):
+        return row.get("voice_description") or row["description"]
+    import data
+    return data.describe_voice(row["voice"])
+
+
+def load_examples(manifest_path, cfg, tokenizer, log=print):
+    """The transcribe rows of a manifest with their codes (encoded now if not yet on disk) and token ids.
+    Clips longer than speechlm.max_seconds are left out."""
+    import data
+    rows = [r for r in data.read_manifest(manifest_path) if r["task"] == "transcribe"]
+    encode_manifest_codes(manifest_path, cfg.speechlm.bandwidth, cfg.speechlm.codec, log)
+    codes, info = read_codes(manifest_path, [r["audio"] for r in rows], cfg.speechlm.bandwidth)
+    max_frames = int(cfg.speechlm.max_seconds * CODEC_FRAME_RATE)
+    examples = [{"text": r["text"], "description": describe(r), "codes": c,
+                 "text_ids": torch.tensor(tokenizer.encode(r["text"])[:64]),
+                 "desc_ids": torch.tensor(tokenizer.encode(describe(r))[:64])}
+                for r, c in zip(rows, codes) if c.size(1) <= max_frames]
+    log(f"{manifest_path}: {len(examples)} clips ({len(rows) - len(examples)} longer than "
+        f"{cfg.speechlm.max_seconds} s left out), codes by {info['codec']} ({info['fingerprint']})")
+    return examples, info
+
+
+def pad_stack(tensors, value=0):
+    """Right-pad 1-D (or (K, T)) tensors along their last axis and stack; also return the lengths."""
+    T = max(t.size(-1) for t in tensors)
+    return (torch.stack([F.pad(t, (0, T - t.size(-1)), value=value) for t in tensors]),
+            torch.tensor([t.size(-1) for t in tensors]))
+
+
+def speech_batch(examples, uncond=None):
+    """Examples -> the SpeechLM's keyword arguments (see SpeechLM.forward). uncond (B,) bool: drop the
+    voice and the text of these rows."""
+    uncond = torch.zeros(len(examples), dtype=torch.bool) if uncond is None else uncond
+    text = [torch.zeros(0, dtype=torch.long) if u else e["text_ids"] for e, u in zip(examples, uncond)]
+    text_ids, text_lengths = pad_stack(text)
+    desc_ids, desc_lengths = pad_stack([e["desc_ids"] for e in examples])
+    codes, code_lengths = pad_stack([e["codes"] for e in examples])                   # (B, K, T)
+    audio_in, audio_targets = audio_columns(codes, code_lengths)
+    return dict(desc_ids=desc_ids, desc_lengths=desc_lengths, uncond=uncond, text_ids=text_ids,
+                text_lengths=text_lengths, audio_in=audio_in, audio_targets=audio_targets,
+                audio_lengths=code_lengths + codes.size(1))
+
+
+def voice_batch(examples):
+    """Examples -> VoiceEncoder.loss's keyword arguments, with same-description rows as positives."""
+    codes, code_lengths = pad_stack([e["codes"] for e in examples])
+    desc_ids, desc_lengths = pad_stack([e["desc_ids"] for e in examples])
+    names = [e["description"] for e in examples]
+    same = torch.tensor([[a == b for b in names] for a in names])
+    return dict(codes=codes, code_lengths=code_lengths, desc_ids=desc_ids, desc_lengths=desc_lengths, same=same)
+
+
+class SpeechLMTraining(nn.Module):
+    """Stage 1's loss: the SpeechLM's code-token cross-entropy + voice_weight * the VoiceEncoder's InfoNCE."""
+
+    def __init__(self, speechlm, voice_weight):
+        super().__init__()
+        self.speechlm, self.voice_weight = speechlm, voice_weight
+
+    def forward(self, **batch):
+        """batch: SpeechLM.forward's arguments, and VoiceEncoder.loss's with a `voice_` prefix."""
+        voice = {k.removeprefix("voice_"): v for k, v in batch.items() if k.startswith("voice_")}
+        speech = {k: v for k, v in batch.items() if not k.startswith("voice_")}
+        return self.speechlm(**speech) + self.voice_weight * self.speechlm.voice.loss(**voice)
+
+
+def build_speechlm(cfg, log=print):
+    """A fresh SpeechLM for a Config, and the LLM's tokenizer it reads text with."""
+    llm_path = resolve_checkpoint(cfg.model.llm)
+    tokenizer = Tokenizer(llm_path)
+    speechlm = SpeechLM(cfg.speechlm, read_config(llm_path)["vocab_size"], n_codebooks(cfg.speechlm.bandwidth))
+    n = sum(p.numel() for p in speechlm.parameters())
+    log(f"SpeechLM: {cfg.speechlm.n_layers} layers x {cfg.speechlm.d_model}, {speechlm.K} codebooks, "
+        f"text tokens of {llm_path.name}: {n / 1e6:.1f}M parameters")
+    return speechlm, tokenizer
+
+
+def load_speechlm_checkpoint(path, cfg, log=print):
+    """The stage-1 SpeechLM from a train.py output folder (`<path>/ckpt/model.safetensors`, or a folder
+    holding model.safetensors). Its dimensions come from the checkpoint's own config when it has one."""
+    from dataclasses import replace
+    from safetensors.torch import load_file
+    path = Path(path)
+    folder = path / "ckpt" if (path / "ckpt" / "model.safetensors").exists() else path
+    fix = "train stage 1 first (python train.py --stage=speechlm) or set --adapter.speechlm_checkpoint=<folder>"
+    if not (folder / "model.safetensors").exists():
+        raise ConfigError(f"{path}: no stage-1 SpeechLM checkpoint (model.safetensors) there; {fix}")
+    for meta_file, key in ((folder / "meta.json", "config"), (path / "config.json", None)):
+        if meta_file.exists():
+            saved = json.loads(meta_file.read_text())
+            saved = saved[key] if key else saved
+            cfg = replace(cfg, speechlm=replace(cfg.speechlm, **saved["speechlm"]))
+            break
+    speechlm, tokenizer = build_speechlm(cfg, log)
+    tensors = {name.removeprefix("speechlm."): t
+               for name, t in load_file(str(folder / "model.safetensors")).items()}
+    ours = speechlm.state_dict()
+    missing, unexpected = sorted(set(ours) - set(tensors)), sorted(set(tensors) - set(ours))
+    bad = [n for n in ours if n in tensors and tensors[n].shape != ours[n].shape]
+    if missing or unexpected or bad:
+        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                else f"{bad[0]} has shape {tuple(tensors[bad[0]].shape)}, needs {tuple(ours[bad[0]].shape)}")
+        raise ConfigError(f"{folder / 'model.safetensors'}: not this SpeechLM's weights ({what}); {fix}")
+    speechlm.load_state_dict(tensors)
+    log(f"SpeechLM: loaded {len(tensors)} tensors from {folder}")
+    return speechlm, tokenizer, cfg
+
+
+def load_codec_for(cfg, log=print):
+    """The codec that made the corpus's codes, to turn SpeechLM output into audio: the real weights, or the
+    untrained codec with the corpus's k-means codebooks. Checked against the corpus's codec.json."""
+    codes_dir = codes_dir_for(Path(cfg.data.corpus) / "train.jsonl", cfg.speechlm.bandwidth)
+    codec = load_codec(cfg.speechlm.codec, cfg.speechlm.bandwidth, log)
+    if not codec.pretrained:
+        if not (codes_dir / "codebooks.safetensors").exists():
+            raise ConfigError(f"{codes_dir}/codebooks.safetensors: missing; the untrained codec's codebooks "
+                              f"are made with the corpus's codes (python train.py --stage=speechlm)")
+        codec.load_codebooks(codes_dir / "codebooks.safetensors")
+    if (codes_dir / "codec.json").exists():
+        made = json.loads((codes_dir / "codec.json").read_text())
+        if made["fingerprint"] != codec.fingerprint():
+            raise ConfigError(f"{codes_dir}: the SpeechLM learned codes of {made['codec']} "
+                              f"({made['fingerprint']}), not of this {codec.name}; set --speechlm.codec to the "
+                              f"weights that made them")
+    return codec
+
+
+def speak(speechlm, tokenizer, codec, text, description=None, max_seconds=10.0, temperature=0.8, top_k=50):
+    """text (+ a voice description) -> (codes (K, T), waveform (T * 320,) at 24 kHz through the codec)."""
+    desc = torch.tensor(tokenizer.encode(description)) if description else None
+    codes = speechlm.generate(torch.tensor(tokenizer.encode(text)), desc, max_seconds, temperature, top_k)
+    waveform = codec.decode(codes.cpu()) if codes.size(1) else torch.zeros(0)
+    return codes, waveform
+
+
+def unigram_loss(train_examples, test_batch):
+    """Baseline: cross-entropy of the test targets under each codebook's training frequencies (add-one)."""
+    targets = speech_batch(train_examples)["audio_targets"]                           # (B, K, A)
+    total, n = 0.0, 0
+    for k in range(targets.size(1)):
+        counts = torch.bincount(targets[:, k][targets[:, k] != -100], minlength=CODE_VOCAB).float() + 1
+        log_p = (counts / counts.sum()).log()
+        test = test_batch["audio_targets"][:, k]
+        total, n = total - log_p[test[test != -100]].sum().item(), n + int((test != -100).sum())
+    return total / n
+
+
+@torch.no_grad()
+def voice_retrieval(voice_encoder, examples, candidates=16, seed=0):
+    """Top-1 accuracy of picking a clip's own description among `candidates` distinct descriptions
+    (its own + others drawn at random from the held-out set). Chance is 1 / candidates."""
+    names = sorted({e["description"] for e in examples})
+    if len(names) < 2:
+        return float("nan")
+    candidates = min(candidates, len(names))
+    device = next(voice_encoder.parameters()).device
+    desc_ids, desc_lengths = pad_stack([next(e["desc_ids"] for e in examples if e["description"] == n)
+                                        for n in names])
+    text = voice_encoder.embed_text(desc_ids.to(device), desc_lengths.to(device))   # (n_names, D)
+    generator, hits = torch.Generator().manual_seed(seed), 0
+    for start in range(0, len(examples), 32):
+        chunk = examples[start: start + 32]
+        codes, lengths = pad_stack([e["codes"] for e in chunk])
+        audio = voice_encoder.embed_audio(codes.to(device), lengths.to(device))     # (b, D)
+        for e, a in zip(chunk, audio):
+            own = names.index(e["description"])
+            others = [i for i in torch.randperm(len(names), generator=generator).tolist() if i != own]
+            pool = torch.tensor([own] + others[: candidates - 1])
+            hits += int((text[pool.to(device)] @ a).argmax() == 0)
+    return hits / len(examples)
+
+
+def build_speechlm_stage(cfg, device, log=print):
+    """Stage 1: train the VoiceEncoder and the SpeechLM on the corpus's transcribe rows."""
+    speechlm, tokenizer = build_speechlm(cfg, log)
+    corpus = Path(cfg.data.corpus)
+    train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log)
+    test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log)
+    model = SpeechLMTraining(speechlm, cfg.speechlm.voice_weight)
+    B, Bv, seed = cfg.train.batch_size, cfg.speechlm.voice_batch_size, cfg.system.seed
+
+    def batch(i):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + i)              # a pure function of i
+        chosen = torch.randint(len(train_examples), (B,), generator=generator).tolist()
+        uncond = torch.rand(B, generator=generator) < cfg.speechlm.uncond_prob
+        voice = torch.randint(len(train_examples), (Bv,), generator=generator).tolist()
+        voice_part = voice_batch([train_examples[j] for j in voice])
+        return {**speech_batch([train_examples[j] for j in chosen], uncond),
+                **{f"voice_{k}": v for k, v in voice_part.items()}}                # one flat dict of tensors
+
+    test_batch = speech_batch(test_examples[: cfg.train.eval_samples])
+    unigram = unigram_loss(train_examples[:500], test_batch)
+
+    def evaluate(net=None):
+        net = model if net is None else net
+        lm, was_training = net.speechlm, net.training
+        net.eval()
+        with torch.no_grad():
+            parts = [speech_batch(test_examples[s: s + B]) for s in range(0, cfg.train.eval_samples, B)]
+            losses = [(lm(**{k: v.to(device) for k, v in p.items()}).item(),     # (mean loss, n targets)
+                       int((p["audio_targets"] != -100).sum())) for p in parts]
+            metrics = {"code_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses),
+                       "unigram_loss": unigram,
+                       "voice_top1": voice_retrieval(lm.voice, test_examples[: 4 * cfg.train.eval_samples])}
+            ratios = []
+            for e in test_examples[: cfg.speechlm.eval_generate]:                     # does it speak and stop?
+                codes = lm.generate(e["text_ids"], e["desc_ids"], cfg.speechlm.max_seconds, temperature=0.8,
+                                    top_k=50)
+                ratios.append(codes.size(1) / e["codes"].size(1))
+            if ratios:
+                metrics["generated_length_ratio"] = sum(ratios) / len(ratios)
+        net.train(was_training)
+        return metrics
+
+    return Stage(model, batch, evaluate, tokens=lambda b: int(b["audio_lengths"].sum()))
