@@ -49,7 +49,7 @@ train: weights corpus
 	$(PY) train.py --stage=asr $(ARGS)
 
 instruct: weights corpus
-	$(PY) train.py --stage=instruct --train.init_from=out/asr $(ARGS)
+	$(PY) train.py --stage=instruct --train.init_from=out/asr --train.max_steps=150 --train.lr=1e-3 $(ARGS)
 
 clean:
 	rm -rf out corpus/cache
