@@ -32,6 +32,7 @@ class CheckpointCorrupt(ValueError):
 
 
 def _sha256(path):
+    # read in 1 MiB blocks: a checkpoint can be larger than we want to hold twice in memory
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -40,6 +41,8 @@ def _sha256(path):
 
 
 def _fsync(path):
+    # write() only reaches the OS cache; fsync forces it to the disk. On a folder it persists the
+    # folder's list of names, i.e. the effect of a rename.
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -49,7 +52,7 @@ def _fsync(path):
 
 def optimizer_to_tensors(optimizer):
     """AdamW's state_dict as (flat tensors, JSON-able rest)."""
-    state = optimizer.state_dict()
+    state = optimizer.state_dict()   # {"state": {param index: {"step", "exp_avg", ...}}, "param_groups": [...]}
     tensors = {f"state.{index}.{name}": value.detach().cpu().contiguous()
                for index, slots in state["state"].items() for name, value in slots.items()
                if torch.is_tensor(value)}
@@ -58,7 +61,7 @@ def optimizer_to_tensors(optimizer):
 
 def optimizer_from_tensors(optimizer, tensors, rest):
     state = {}
-    for key, value in tensors.items():
+    for key, value in tensors.items():   # "state.3.exp_avg" -> state[3]["exp_avg"]
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
@@ -68,7 +71,7 @@ def save_checkpoint(directory, model_tensors, meta, optimizer=None):
     """Write the checkpoint folder atomically (see the module docstring)."""
     directory = Path(directory)
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)            # leftovers of a save that was killed
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model_tensors.items()}, str(tmp / "model.safetensors"))
     if optimizer is not None:
@@ -77,6 +80,7 @@ def save_checkpoint(directory, model_tensors, meta, optimizer=None):
         meta = {**meta, "optimizer": opt_rest}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     files = sorted(p.name for p in tmp.iterdir())
+    # the manifest is written last: a folder without one was never finished
     manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
     for name in files + ["MANIFEST.json"]:
@@ -103,7 +107,7 @@ def load_checkpoint(directory):
         else:
             raise CheckpointCorrupt(f"{directory}: no MANIFEST.json, so not a complete checkpoint")
     manifest = json.loads((directory / "MANIFEST.json").read_text())
-    for name, expected in manifest.items():
+    for name, expected in manifest.items():   # size first (cheap), then the hash (reads every byte)
         path = directory / name
         if not path.exists() or path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
             raise CheckpointCorrupt(f"{path}: missing or does not match MANIFEST.json (corrupted or edited)")

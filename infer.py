@@ -38,13 +38,14 @@ def load_trained(checkpoint_dir, device_request="auto"):
         raise config.ConfigError(f"{checkpoint_dir}/config.json not found: train first (`make train`) or "
                                  f"pass --checkpoint FOLDER (a train.py out_dir)")
     saved = json.loads((checkpoint_dir / "config.json").read_text())
+    # the architecture-defining sections come from the run; device and precision may differ at inference
     overrides = [f"--{section}.{key}={value!r}" for section, values in saved.items() for key, value in values.items()
                  if section in ("model", "projector", "lora")]
     cfg = config.get_config("base", overrides)
     device = config.choose_device(device_request, log)
     dtype, int8 = config.choose_precision(saved["system"]["precision"], device, log)
     audio_lm = model.build_audio_lm(cfg, device, dtype, int8, log)
-    tensors, meta, _ = load_checkpoint(checkpoint_dir / "ckpt")
+    tensors, meta, _ = load_checkpoint(checkpoint_dir / "ckpt")     # projector + LoRA only; the rest is frozen
     trainable = [n for n, p in audio_lm.named_parameters() if p.requires_grad]
     load_trainable(audio_lm, tensors, trainable, strict=True, where=checkpoint_dir)
     log(f"loaded {checkpoint_dir} (stage {meta['stage']}, step {meta['step']})")
@@ -66,7 +67,7 @@ def main(argv=None):
         parser.error("give an audio file or --wer MANIFEST")
     try:
         audio_lm = load_trained(args.checkpoint, args.device)
-        if args.wer:
+        if args.wer:   # transcribe rows only: WER compares against what is spoken
             rows = [r for r in data.read_manifest(args.wer) if r["task"] == "transcribe"]
             hypotheses = []
             for r in rows:
@@ -75,8 +76,9 @@ def main(argv=None):
             print(f"WER {wer:.4f} on {len(rows)} utterances of {args.wer}")
             return
         default = data.TASK_PROMPTS["transcribe" if args.task == "transcribe" else "instruct"]
-        audio = data.load_audio(args.audio, max_seconds=model.CHUNK_LENGTH)
+        audio = data.load_audio(args.audio, max_seconds=model.CHUNK_LENGTH)   # the encoder sees <= 30 s
         start = time.time()
+        # each decoded piece goes straight to stdout (flush), so the words appear as they are generated
         audio_lm.generate(audio, args.prompt or default, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, callback=lambda piece: print(piece, end="", flush=True))
         print()
