@@ -109,7 +109,7 @@ def build_stage(cfg, device, dtype, int8, log):
         from adapter import build_align_stage
         return build_align_stage(cfg, device, log)
     raise config.ConfigError(f"--train.stage={cfg.train.stage}: choose asr, instruct, speechlm or align "
-                             f"(stage 3 is `python rl.py`)")
+                             f"(stage 3, PPO in rl.py, is not written yet)")
 
 
 # -----------------------------------------------------------------------------
