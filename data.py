@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchaudio
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------
@@ -854,7 +855,6 @@ def encoder_features(audio_lm, rows, cache_path=None, batch_size=16, progress=Tr
     The encoder is frozen, so its output for a clip never changes: computing it once and reading it back
     each epoch turns the CPU's most expensive step into a table look-up. Stored as one safetensors file.
     """
-    from safetensors.torch import load_file, save_file
     cached = load_file(str(cache_path)) if cache_path and Path(cache_path).exists() else {}
     seconds = {row["audio"]: row.get("seconds", 0.0) for row in rows}
     todo = sorted(set(seconds) - set(cached), key=lambda p: (seconds[p], p))   # similar lengths batch together

@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -142,7 +143,6 @@ def save_lora(path, model, r, alpha, targets):
 
 def load_lora(path, model, r, alpha, targets):
     """Load adapters saved by save_lora into a model that already has apply_lora(r, alpha, targets)."""
-    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     saved = (meta.get("r"), meta.get("targets"))

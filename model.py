@@ -27,6 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 import torchaudio
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lora import apply_lora, mark_only_lora_as_trainable, quantize_int8_
 
 # -----------------------------------------------------------------------------
 # 1. Audio front end: Whisper's log-mel spectrogram
@@ -616,7 +620,6 @@ def load_weights(module, path, table, owned, ignored=(), dtype=torch.float32):
     every entry of the table must be found; shapes must match. Errors name the tensor."""
     ours = module.state_dict()
     found = {}
-    from safetensors import safe_open
     for file in safetensors_files(path):
         try:
             f = safe_open(str(file), framework="pt")     # reads a JSON header; never unpickles anything
@@ -672,7 +675,6 @@ def load_llm(path, dtype=torch.float32, attention="sdpa"):
 
 def save_hf_checkpoint(module, path, table, hf_config):
     """The inverse of load_weights: our tensors under checkpoint names, + config.json."""
-    from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = module.state_dict()
@@ -875,7 +877,6 @@ class AudioLM(nn.Module):
 
 def build_audio_lm(cfg, device=torch.device("cpu"), dtype=torch.float32, int8=False, log=print):
     """The AudioLM a Config describes: checkpoints resolved and loaded, projector fresh, LoRA applied."""
-    from lora import apply_lora, mark_only_lora_as_trainable, quantize_int8_
     encoder_path, llm_path = resolve_checkpoint(cfg.model.encoder), resolve_checkpoint(cfg.model.llm)
     encoder = load_whisper_encoder(encoder_path, dtype, cfg.model.attention)
     llm = load_llm(llm_path, dtype, cfg.model.attention)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 import config
 import data
 import model
-from checkpoint import CheckpointCorrupt, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointCorrupt, load_checkpoint, optimizer_from_tensors, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # 1. A stage: what to train, on what, and how to judge it
@@ -220,7 +220,6 @@ def train(cfg, resume=False, log=print):
             raise config.ConfigError(f"{out_dir}/ckpt was trained with another model or stage "
                                      f"({meta['stage']}); resume with the same --preset and --stage")
         load_trainable(net, tensors, trainable_names, strict=True, where=out_dir / "ckpt")
-        from checkpoint import optimizer_from_tensors
         optimizer_from_tensors(optimizer, opt_tensors, meta["optimizer"])
         step = meta["step"]
         set_rng_state(meta["rng"])
