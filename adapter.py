@@ -26,7 +26,6 @@ Run:
 Simplified on purpose: one adapter layer choice (the output of one SpeechLM block), no LoRA on the LLM in
 this stage, the teacher sees the transcript in place of the audio with the same instruction.
 """
-import math
 from pathlib import Path
 
 import torch
@@ -34,9 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ConfigError
-from model import (AUDIO_MARKER, EncoderBlock, LayerNorm, RMSNorm, WhisperConfig, attention, load_llm,
-                   resolve_checkpoint)
+from model import AUDIO_MARKER, EncoderBlock, LayerNorm, RMSNorm, WhisperConfig, attention
 from speechlm import Stage, load_examples, load_speechlm_checkpoint, pad_stack
+from weights import load_llm, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
 # 1. The Perceiver adapter

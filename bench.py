@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 import model
+from weights import llama_name_table, whisper_name_table
 from lora import apply_lora, mark_only_lora_as_trainable
 from model import AudioLM, Llama, LlamaConfig, Projector, WhisperConfig, WhisperEncoder
 
@@ -155,7 +156,7 @@ def random_weights(shapes, device):
 
 
 def our_audio_lm(shapes, weights, device):
-    """model.AudioLM the way model.build_audio_lm makes it: bf16 frozen parts, fp32 projector and LoRA."""
+    """model.AudioLM the way weights.build_audio_lm makes it: bf16 frozen parts, fp32 projector and LoRA."""
     with torch.device(device):                                             # initialise on the GPU: seconds
         encoder = WhisperEncoder(shapes.whisper).to(torch.bfloat16)
         llm = Llama(shapes.llama).to(torch.bfloat16)
@@ -187,7 +188,7 @@ def reference_audio_lm(shapes, weights, device):
     wcfg._attn_implementation = "sdpa"
     with torch.device(device):
         enc = HFWhisperEncoder(wcfg).to(torch.bfloat16).eval().requires_grad_(False)
-    table = model.whisper_name_table(w.n_layers)
+    table = whisper_name_table(w.n_layers)
     enc.load_state_dict({hf.removeprefix("model.encoder."): weights["encoder"][ours]
                          for hf, ours in table.items()})
     llm = reference_llm(shapes, weights, device)
@@ -215,7 +216,7 @@ def reference_llm(shapes, weights, device):
                                     tie_word_embeddings=False, attn_implementation="sdpa")
     with torch.device(device):
         llm = transformers.LlamaForCausalLM(lcfg).to(torch.bfloat16)
-    table = model.llama_name_table(l.n_layers, tied=False)
+    table = llama_name_table(l.n_layers, tied=False)
     state = {hf: weights["llm"][ours] for hf, ours in table.items()}
     missing, unexpected = llm.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in name for name in missing), (missing, unexpected)

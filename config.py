@@ -31,7 +31,7 @@ import torch
 @dataclass
 class ModelConfig:
     # Checkpoints: a local directory, a Hugging Face hub id, or `tiny:whisper` / `tiny:llama`
-    # (a small random checkpoint the code writes itself; see model.resolve_checkpoint).
+    # (a small random checkpoint the code writes itself; see weights.resolve_checkpoint).
     encoder: str = "openai/whisper-base"                # Whisper checkpoint; only its encoder is used
     llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"    # Llama-family checkpoint (config.json + safetensors)
     pad_audio_to_30s: bool = False   # True: Whisper's way (every clip padded to 30 s = 1500 encoder frames);

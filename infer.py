@@ -18,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 import config
 import data
 import model
+import weights
 from checkpoint import CheckpointCorrupt, load_checkpoint
 from train import load_trainable
 
@@ -44,7 +44,7 @@ def load_trained(checkpoint_dir, device_request="auto"):
     cfg = config.get_config("base", overrides)
     device = config.choose_device(device_request, log)
     dtype, int8 = config.choose_precision(saved["system"]["precision"], device, log)
-    audio_lm = model.build_audio_lm(cfg, device, dtype, int8, log)
+    audio_lm = weights.build_audio_lm(cfg, device, dtype, int8, log)
     tensors, meta, _ = load_checkpoint(checkpoint_dir / "ckpt")     # projector + LoRA only; the rest is frozen
     trainable = [n for n, p in audio_lm.named_parameters() if p.requires_grad]
     load_trainable(audio_lm, tensors, trainable, strict=True, where=checkpoint_dir)
@@ -83,7 +83,7 @@ def main(argv=None):
                           temperature=args.temperature, callback=lambda piece: print(piece, end="", flush=True))
         print()
         log(f"{audio.numel() / model.SAMPLE_RATE:.1f} s of audio answered in {time.time() - start:.2f} s")
-    except (config.ConfigError, model.CheckpointError, CheckpointCorrupt, data.AudioError) as err:
+    except (config.ConfigError, weights.CheckpointError, CheckpointCorrupt, data.AudioError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

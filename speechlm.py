@@ -58,8 +58,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ConfigError
-from model import (EncoderBlock, KVCache, LayerNorm, LlamaBlock, LlamaConfig, RMSNorm, Tokenizer, WhisperConfig,
-                   read_config, resolve_checkpoint, rope_tables, sample_next_token)
+from model import (EncoderBlock, KVCache, LayerNorm, LlamaBlock, LlamaConfig, RMSNorm, WhisperConfig, rope_tables,
+                   sample_next_token)
+from weights import Tokenizer, read_config, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
 # 1. EnCodec as a tokenizer: load it (real weights or untrained), waveform <-> codes, codes on disk

@@ -37,6 +37,7 @@ from tqdm import tqdm
 import config
 import data
 import model
+import weights
 from checkpoint import CheckpointCorrupt, load_checkpoint, optimizer_from_tensors, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -87,12 +88,12 @@ def build_audio_lm_stage(cfg, device, dtype, int8, log):
     if not (corpus / "train.jsonl").exists():
         raise config.ConfigError(f"{corpus}/train.jsonl not found: make the corpus first with "
                                  f"`python data.py corpus --out {corpus}` (or set --data.corpus=FOLDER)")
-    audio_lm = model.build_audio_lm(cfg, device, dtype, int8, log)
+    audio_lm = weights.build_audio_lm(cfg, device, dtype, int8, log)
     train_rows, test_rows = data.read_manifest(corpus / "train.jsonl"), data.read_manifest(corpus / "test.jsonl")
     mix = cfg.data.mix if cfg.train.stage == "instruct" else (("transcribe", 1.0),)
     features = None
     if cfg.data.cache_encoder:
-        encoder_name = Path(model.resolve_checkpoint(cfg.model.encoder)).name
+        encoder_name = Path(weights.resolve_checkpoint(cfg.model.encoder)).name
         cache = corpus / "cache" / f"{encoder_name}-{'30s' if cfg.model.pad_audio_to_30s else 'native'}.safetensors"
         features = data.encoder_features(audio_lm, train_rows + test_rows, cache)
     batches = data.AudioLMBatches(train_rows, audio_lm, cfg.train.batch_size, cfg.system.seed, mix, features)
@@ -341,7 +342,7 @@ def load_trainable(net, tensors, trainable_names, strict, where):
 # -----------------------------------------------------------------------------
 # 4. Command line: user mistakes are one line and exit code 2; bugs keep their traceback
 
-USER_ERRORS = (config.ConfigError, model.CheckpointError, CheckpointCorrupt, data.AudioError, FloatingPointError)
+USER_ERRORS = (config.ConfigError, weights.CheckpointError, CheckpointCorrupt, data.AudioError, FloatingPointError)
 
 
 def parse_args(argv):

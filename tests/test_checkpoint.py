@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import model
+import weights
 from checkpoint import CheckpointCorrupt, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,10 +90,10 @@ def test_a_malicious_pickle_is_refused_not_executed(tmp_path):
     (tmp_path / "evil.pt").write_bytes(payload)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "evil.pt", weights_only=True)        # the only way torch.load is used here
-    folder = model.write_tiny_checkpoint("llama", tmp_path / "llama")
+    folder = weights.write_tiny_checkpoint("llama", tmp_path / "llama")
     (folder / "model.safetensors").write_bytes(payload)           # a pickle posing as weights
-    with pytest.raises(model.CheckpointError, match="not a readable safetensors file"):
-        model.load_llm(folder)
+    with pytest.raises(weights.CheckpointError, match="not a readable safetensors file"):
+        weights.load_llm(folder)
     save_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(2)}, {"step": 1})
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(payload)
     with pytest.raises(CheckpointCorrupt):

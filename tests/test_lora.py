@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import model
+import weights
 from lora import (Int8Linear, LoRALinear, apply_lora, load_lora, lora_state_dict, mark_only_lora_as_trainable,
                   quantize_int8_, quantize_weight_int8, save_lora)
 
@@ -56,7 +56,7 @@ def test_lora_starts_as_identity_and_merge_is_exact(parity):
 
 
 def test_only_lora_parameters_train(tmp_path):
-    llm = model.load_llm(model.write_tiny_checkpoint("llama", tmp_path / "llama"))
+    llm = weights.load_llm(weights.write_tiny_checkpoint("llama", tmp_path / "llama"))
     n = apply_lora(llm, r=2, alpha=4.0, targets=("q_proj", "v_proj"))
     mark_only_lora_as_trainable(llm)
     assert n == 2 * llm.cfg.n_layers
@@ -96,7 +96,7 @@ def test_int8_weights_are_half_of_fp16_and_close(parity):
 
 
 def test_lora_trains_on_a_frozen_int8_base(tmp_path):
-    llm = model.load_llm(model.write_tiny_checkpoint("llama", tmp_path / "llama"))
+    llm = weights.load_llm(weights.write_tiny_checkpoint("llama", tmp_path / "llama"))
     apply_lora(llm, r=4, alpha=8.0, targets=("q_proj", "v_proj", "gate_proj"))
     mark_only_lora_as_trainable(llm)
     quantize_int8_(llm)

@@ -11,10 +11,10 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 
 import model
-from model import Llama, LlamaConfig, Projector, WhisperEncoder, WhisperConfig
+import weights
+from model import Projector, WhisperEncoder
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,12 +59,12 @@ def test_log_mel_matches_whisper_feature_extractor(parity):
 
 def test_whisper_encoder_matches_transformers(tmp_path, parity):
     ref, path = hf_whisper(tmp_path)
-    ours = model.load_whisper_encoder(path)
+    ours = weights.load_whisper_encoder(path)
     mel = torch.randn(2, 80, 200)          # transformers insists on exactly 2 * max_source_positions frames
     with torch.no_grad():
         expected = ref.model.encoder(mel).last_hidden_state
         parity("WhisperEncoder vs transformers (sdpa)", ours(mel), expected, 1e-4)
-        manual = model.load_whisper_encoder(path, attention="manual")
+        manual = weights.load_whisper_encoder(path, attention="manual")
         parity("WhisperEncoder manual attention vs sdpa", manual(mel), ours(mel), 1e-5)
 
 
@@ -72,7 +72,7 @@ def test_whisper_encoder_short_audio_and_padding(tmp_path, parity):
     """Ultravox's way: encode only the real frames. A clip padded inside a batch (with mel_lengths)
     gives exactly its lone output; Whisper's way (pad to 30 s) gives the full 1500-frame output."""
     _, path = hf_whisper(tmp_path, max_source_positions=1500)
-    enc = model.load_whisper_encoder(path)
+    enc = weights.load_whisper_encoder(path)
     short, longer = torch.randn(80, 137), torch.randn(80, 300)
     batch = torch.zeros(2, 80, 300)
     batch[0, :, :137], batch[1] = short, longer
@@ -102,7 +102,7 @@ def test_projector_token_count_is_exact(kind):
 @pytest.mark.parametrize("tied,n_kv_heads,theta", [(True, 2, 10000.0), (False, 2, 5e6), (False, 4, 1e5)])
 def test_llama_matches_transformers(tmp_path, parity, tied, n_kv_heads, theta):
     ref, path = hf_llama(tmp_path, tied=tied, n_kv_heads=n_kv_heads, rope_theta=theta)
-    ours = model.load_llm(path)
+    ours = weights.load_llm(path)
     assert ours.cfg.tie_embeddings == tied and (ours.lm_head.weight is ours.embed_tokens.weight) == tied
     ids = torch.randint(0, 128, (2, 33))
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_llama_matches_transformers(tmp_path, parity, tied, n_kv_heads, theta):
 
 def test_manual_attention_equals_sdpa(tmp_path, parity):
     _, path = hf_llama(tmp_path)
-    fast, slow = model.load_llm(path), model.load_llm(path, attention="manual")
+    fast, slow = weights.load_llm(path), weights.load_llm(path, attention="manual")
     ids = torch.randint(0, 128, (2, 20))
     with torch.no_grad():
         parity("Llama manual attention vs sdpa", slow(ids), fast(ids), 1e-5)
@@ -122,7 +122,7 @@ def test_manual_attention_equals_sdpa(tmp_path, parity):
 
 def test_kv_cache_decoding_equals_full_forward(tmp_path, parity):
     _, path = hf_llama(tmp_path)
-    llm = model.load_llm(path)
+    llm = weights.load_llm(path)
     ids = torch.randint(0, 128, (2, 24))
     with torch.no_grad():
         full = llm(ids)
@@ -135,7 +135,7 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path, parity):
 
 def test_generate_greedy_eos_and_streaming(tmp_path):
     _, path = hf_llama(tmp_path)
-    llm = model.load_llm(path)
+    llm = weights.load_llm(path)
     prompt = torch.randint(0, 128, (1, 5))
     streamed = []
     out = llm.generate(prompt, max_new_tokens=8, callback=lambda t: streamed.append(t.item()))
@@ -161,24 +161,24 @@ def test_loader_errors_name_the_tensor(tmp_path):
     bad = dict(tensors)
     bad["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
     save_file(bad, str(path / "model.safetensors"))
-    with pytest.raises(model.CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \(3, 3\)"):
-        model.load_llm(path)
+    with pytest.raises(weights.CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \(3, 3\)"):
+        weights.load_llm(path)
     missing = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
     save_file(missing, str(path / "model.safetensors"))
-    with pytest.raises(model.CheckpointError, match=r"model\.norm\.weight is missing"):
-        model.load_llm(path)
+    with pytest.raises(weights.CheckpointError, match=r"model\.norm\.weight is missing"):
+        weights.load_llm(path)
     save_file({**tensors, "model.layers.0.self_attn.q_norm.weight": torch.ones(16)}, str(path / "model.safetensors"))
-    with pytest.raises(model.CheckpointError, match=r"q_norm\.weight has no place"):
-        model.load_llm(path)
+    with pytest.raises(weights.CheckpointError, match=r"q_norm\.weight has no place"):
+        weights.load_llm(path)
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
-    with pytest.raises(model.CheckpointError, match="missing weight file"):
-        model.load_llm(path)
-    with pytest.raises(model.CheckpointError, match="scripts/offline_weights.py"):
-        model.resolve_checkpoint("no-such-org/no-such-model", root=str(tmp_path))
-    whisper = model.write_tiny_checkpoint("whisper", tmp_path / "whisper")
-    with pytest.raises(model.CheckpointError, match="this is a whisper checkpoint, not a Llama-family one"):
-        model.load_llm(whisper)
+    with pytest.raises(weights.CheckpointError, match="missing weight file"):
+        weights.load_llm(path)
+    with pytest.raises(weights.CheckpointError, match="scripts/offline_weights.py"):
+        weights.resolve_checkpoint("no-such-org/no-such-model", root=str(tmp_path))
+    whisper = weights.write_tiny_checkpoint("whisper", tmp_path / "whisper")
+    with pytest.raises(weights.CheckpointError, match="this is a whisper checkpoint, not a Llama-family one"):
+        weights.load_llm(whisper)
 
 
 def test_sharded_checkpoint_loads(tmp_path, parity):
@@ -187,21 +187,21 @@ def test_sharded_checkpoint_loads(tmp_path, parity):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
-        parity("Llama from a sharded checkpoint", model.load_llm(tmp_path / "sharded")(ids), ref(ids).logits, 1e-4)
+        parity("Llama from a sharded checkpoint", weights.load_llm(tmp_path / "sharded")(ids), ref(ids).logits, 1e-4)
 
 
 def test_tiny_checkpoints_round_trip(tmp_path, parity):
     """The tiny preset's random checkpoints are real HF checkpoints: transformers reads them too."""
-    path = model.write_tiny_checkpoint("llama", tmp_path / "tiny-llama")
-    ours = model.load_llm(path)
+    path = weights.write_tiny_checkpoint("llama", tmp_path / "tiny-llama")
+    ours = weights.load_llm(path)
     ref = transformers.LlamaForCausalLM.from_pretrained(path).eval()
     ids = torch.randint(0, 300, (1, 7))
     with torch.no_grad():
         parity("tiny:llama, ours vs transformers", ours(ids), ref(ids).logits, 1e-4)
-    tok = model.Tokenizer(path)
+    tok = weights.Tokenizer(path)
     assert tok.decode(tok.encode("héllo 42")) == "héllo 42"
     assert tok.encode("<|im_start|>") == [257] and tok.chatml and tok.end_of_turn_id == 258
-    enc = model.load_whisper_encoder(model.write_tiny_checkpoint("whisper", tmp_path / "tiny-whisper"))
+    enc = weights.load_whisper_encoder(weights.write_tiny_checkpoint("whisper", tmp_path / "tiny-whisper"))
     assert enc(torch.randn(1, 80, 50)).shape == (1, 25, 64)
 
 
@@ -214,7 +214,7 @@ def test_sentencepiece_tokenizer_and_plain_template(tmp_path):
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tokenizer"), vocab_size=24,
                                    minloglevel=2)
     (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    tok = model.Tokenizer(tmp_path)
+    tok = weights.Tokenizer(tmp_path)
     assert tok.decode(tok.encode("turn on the sky")) == "turn on the sky"
     assert not tok.chatml and tok.end_of_turn_id == tok.eos_id == 2
     assert tok.chat_prompt("hi") == "User: hi\nAssistant:"

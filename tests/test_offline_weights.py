@@ -161,10 +161,11 @@ def synthetic_speech_like_audio(seconds=3.0, sample_rate=16000):
 def test_whisper_encoder_matches_transformers(checkpoint, name, parity):
     transformers = pytest.importorskip("transformers")
     import model
+    import weights
     path = checkpoint(name)
     reference, info = transformers.WhisperModel.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info    # encoder AND decoder complete
-    ours = model.load_whisper_encoder(path).eval()
+    ours = weights.load_whisper_encoder(path).eval()
 
     audio = synthetic_speech_like_audio()
     padded = torch.nn.functional.pad(audio, (0, model.N_SAMPLES - audio.numel()))   # Whisper's 30 s window
@@ -217,7 +218,7 @@ def test_whisper_decoder_transcribes_speech(checkpoint, tmp_path):
 @pytest.mark.weights
 def test_smollm2_transformers_and_ours_say_paris(checkpoint, parity):
     transformers = pytest.importorskip("transformers")
-    import model
+    import weights
     path = checkpoint("SmolLM2-135M-Instruct")
     reference, info = transformers.LlamaForCausalLM.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -228,7 +229,7 @@ def test_smollm2_transformers_and_ours_say_paris(checkpoint, parity):
     reference_new = reference_ids[0, prompt.size(1):]
     reference_text = reference_tokenizer.decode(reference_new)
 
-    ours, tokenizer = model.load_llm(path).eval(), model.Tokenizer.from_dir(path)
+    ours, tokenizer = weights.load_llm(path).eval(), weights.Tokenizer.from_dir(path)
     ids = torch.tensor([tokenizer.encode(PROMPT)])
     assert ids.tolist() == prompt.tolist()                          # both tokenizers read our tokenizer.json
     with torch.no_grad():
@@ -295,9 +296,9 @@ def test_tokenizer_matches_reference_bpe(checkpoint):
 
 @pytest.mark.weights
 def test_tokenizer_special_tokens_and_chat_template(checkpoint):
-    import model
+    import weights
     path = checkpoint("SmolLM2-135M-Instruct")
-    tokenizer = model.Tokenizer.from_dir(path)
+    tokenizer = weights.Tokenizer.from_dir(path)
     assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)           # <|im_start|>, <|im_end|>
     chat = "<|im_start|>user\nHi there<|im_end|>\n"
     ids = tokenizer.encode(chat)

@@ -8,14 +8,13 @@ with a corpus of noise clips made in the test, so no speech synthesizer or downl
 
 Run:  python -m pytest tests/test_train.py
 """
-import json
 
 import pytest
 import torch
 
 import config
 import data
-import model
+import weights
 import train
 
 SENTENCES = ["turn on the lights", "what time is it", "seven plus two is nine", "the sky is blue",
@@ -66,7 +65,7 @@ def test_padding_does_not_change_the_loss(tmp_path, corpus, cache):
     """Batch two clips of different lengths: the short one is padded with extra frames (and its text
     with pad tokens). The batch's loss must equal the token-weighted mean of the two losses alone."""
     cfg = tiny_config(tmp_path, corpus)
-    audio_lm = model.build_audio_lm(cfg, log=lambda *a: None)
+    audio_lm = weights.build_audio_lm(cfg, log=lambda *a: None)
     rows = data.read_manifest(corpus / "train.jsonl")[:2]          # 0.5 s and 0.6 s clips
     features = data.encoder_features(audio_lm, rows, progress=False) if cache else None
     batches = data.AudioLMBatches(rows, audio_lm, batch_size=2, features=features)
@@ -83,7 +82,7 @@ def test_padding_does_not_change_the_loss(tmp_path, corpus, cache):
 
 def test_labels_cover_only_the_response(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus)
-    audio_lm = model.build_audio_lm(cfg, log=lambda *a: None)
+    audio_lm = weights.build_audio_lm(cfg, log=lambda *a: None)
     ids, audio_mask, labels = audio_lm.build_example("Transcribe the audio.", 5, "open the door")
     answer = audio_lm.tokenizer.encode("open the door") + [audio_lm.tokenizer.end_of_turn_id]
     assert [t for t in labels if t != -100] == answer and labels[-len(answer):] == answer
