@@ -67,7 +67,9 @@ class SystemConfig:
     tf32: bool = True            # CUDA: fp32 matmuls (projector, LoRA) use TF32 tensor cores (fp32 range and
                                  # accumulation, 10-bit mantissa inputs); False = full fp32 ("highest")
     seed: int = 1337             # seeds torch, numpy and python's random
-    threads: int = 0             # CPU threads for torch; 0 = leave torch's default
+    threads: int = 0             # CPU threads for torch; 0 = torch's default (under torchrun: cores / ranks)
+    prefetch: int = 2            # micro-batches made ahead in a background thread while the model computes
+                                 # (train.Prefetcher); 0 = make each one inline, when it is needed
 
 
 @dataclass

@@ -24,7 +24,9 @@ import base64
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +122,62 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+class Prefetcher:
+    """Micro-batches made ahead in a background thread while the model computes the current one.
+
+    stage.batch(i) is CPU work (reading cached features or audio, padding, tokenizing); done inline, the
+    GPU waits for it at every micro-batch. Here a thread runs up to `depth` batches ahead and pins their
+    memory, so that the copy to the GPU (non_blocking) overlaps compute too. Batch i is a pure function
+    of i, so the batches, and therefore the run, are the same as with depth=0, the inline path
+    (tests/test_train.py checks both). `waited` counts the seconds the training loop sat waiting.
+    """
+
+    def __init__(self, make_batch, indices, depth=2, pin=False):
+        self.make_batch, self.indices, self.pin = make_batch, iter(indices), pin
+        self.queue, self.stopped, self.waited, self.thread = queue.Queue(maxsize=max(depth, 1)), False, 0.0, None
+        if depth > 0:
+            self.thread = threading.Thread(target=self._work, daemon=True)
+            self.thread.start()
+
+    def _make(self, i):
+        batch = self.make_batch(i)
+        return {k: v.pin_memory() if self.pin and torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _work(self):
+        try:
+            for i in self.indices:
+                if self.stopped:
+                    return
+                self.queue.put(self._make(i))
+        except BaseException as err:     # handed to the training thread, which raises it where it is reported
+            self.queue.put(err)
+
+    def __next__(self):
+        t0 = time.time()
+        item = self._make(next(self.indices)) if self.thread is None else self.queue.get()
+        self.waited += time.time() - t0
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        """Stop the thread (it may be blocked on a full queue: drain it until the thread ends)."""
+        self.stopped = True
+        while self.thread is not None and self.thread.is_alive():
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.01)
+
+
+def micro_batch_indices(start_step, max_steps, grad_accum, world, rank):
+    """The micro-batches this rank trains on, in order: rank r takes r, r + world, r + 2 world, ..."""
+    for step in range(start_step, max_steps):
+        for micro in range(grad_accum):
+            yield (step * grad_accum + micro) * world + rank
+
+
 def learning_rate(step, cfg):
     """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
     t = cfg.train
@@ -182,6 +240,8 @@ def train(cfg, resume=False, log=print):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         rank, world = dist.get_rank(), dist.get_world_size()
+        if not cfg.system.threads:   # torchrun sets OMP_NUM_THREADS=1; share the cores between the ranks instead
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     else:
         rank, world = 0, 1
         device = config.choose_device(cfg.system.device, log)
@@ -254,15 +314,16 @@ def train(cfg, resume=False, log=print):
     net.train()
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc=f"train {cfg.train.stage}", unit="step",
                disable=not main_process, dynamic_ncols=True)
-    t_last, tokens_since = time.time(), 0
+    t_last, tokens_since, waited_before = time.time(), 0, 0.0
+    batches = Prefetcher(stage.batch, micro_batch_indices(step, cfg.train.max_steps, cfg.train.grad_accum, world,
+                                                          rank), cfg.system.prefetch, pin=device.type == "cuda")
     while step < cfg.train.max_steps:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
         for micro in range(cfg.train.grad_accum):
-            index = (step * cfg.train.grad_accum + micro) * world + rank
-            batch = to_device(stage.batch(index), device)
+            batch = to_device(next(batches), device)
             tokens_since += stage.tokens(batch) * world
             sync = micro == cfg.train.grad_accum - 1 or not distributed     # all-reduce once per step
             context = model_for_step.no_sync() if not sync else torch.enable_grad()
@@ -275,13 +336,14 @@ def train(cfg, resume=False, log=print):
             loss_sum = loss_sum / world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip if cfg.train.grad_clip > 0
                                                    else float("inf"))
-        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+        if not (torch.isfinite(loss_sum) & torch.isfinite(grad_norm)).item():     # one GPU -> CPU sync, not two
             # 3e. a non-finite loss or gradient would poison AdamW's moments: skip the update, count it
             optimizer.zero_grad(set_to_none=True)
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
             if bad_in_a_row >= 10:
                 save(step)
+                batches.close()
                 raise FloatingPointError(f"10 non-finite steps in a row at step {step}; saved {out_dir}/ckpt. "
                                          f"Lower --train.lr or use --system.precision=fp32")
             step += 1
@@ -294,6 +356,8 @@ def train(cfg, resume=False, log=print):
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             seconds = time.time() - t_last
             row["tokens_per_s"] = round(tokens_since / seconds, 1)
+            row["data_wait"] = round((batches.waited - waited_before) / seconds, 4)   # fraction of the time
+            waited_before = batches.waited
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if main_process:
                 bar.write(f"step {step:5d}/{cfg.train.max_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | "
@@ -304,7 +368,7 @@ def train(cfg, resume=False, log=print):
                 row.update({k: round(v, 5) for k, v in stage.evaluate().items()})
             bar.write(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                            if k not in ("step", "loss", "lr", "grad_norm",
-                                                                        "tokens_per_s")))
+                                                                        "tokens_per_s", "data_wait")))
         if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
             save(step)
         if main_process:
@@ -312,6 +376,7 @@ def train(cfg, resume=False, log=print):
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
     bar.close()
+    batches.close()
     if main_process:
         write_loss_curve(log_rows, out_dir / "loss.svg")
         log(f"done: {step} steps, {skipped} skipped; checkpoint {out_dir}/ckpt, log {out_dir}/log.jsonl, "

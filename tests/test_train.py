@@ -100,6 +100,25 @@ def test_resume_is_exact(tmp_path, corpus):
     assert len(resumed) == 6                        # the log holds the first run's 3 rows + 3 new ones
 
 
+def test_prefetched_batches_are_the_inline_ones(tmp_path, corpus):
+    """The background Prefetcher (a fast path) vs making each micro-batch when needed (the readable one):
+    the same batches in the same order, the same losses bit for bit, and a failing batch still raises."""
+    made = lambda i: {"x": torch.full((2,), float(i))}
+    ahead = train.Prefetcher(made, iter(range(5, 9)), depth=2)
+    inline = train.Prefetcher(made, iter(range(5, 9)), depth=0)
+    assert [next(ahead)["x"].tolist() for _ in range(4)] == [next(inline)["x"].tolist() for _ in range(4)]
+    assert list(train.micro_batch_indices(1, 3, grad_accum=2, world=2, rank=1)) == [5, 7, 9, 11]
+
+    def broken(i):
+        raise data.AudioError(f"clip {i} is unreadable")
+    with pytest.raises(data.AudioError, match="clip 0 is unreadable"):
+        next(train.Prefetcher(broken, iter(range(3)), depth=2))
+
+    runs = [train.train(tiny_config(tmp_path, corpus, "--train.max_steps=4", f"--system.prefetch={depth}",
+                                    f"--train.out_dir=p{depth}"), log=lambda *a: None) for depth in (0, 2)]
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
+
+
 def test_stage2_starts_from_stage1_and_mismatches_are_clear(tmp_path, corpus):
     train.train(tiny_config(tmp_path, corpus, "--train.max_steps=2"), log=lambda *a: None)
     said = []
