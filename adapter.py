@@ -31,10 +31,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from config import ConfigError
+from config import ConfigError, choose_precision
+from data import word_error_rate
+from lora import quantize_int8_
 from model import AUDIO_MARKER, EncoderBlock, LayerNorm, RMSNorm, WhisperConfig, attention
-from speechlm import Stage, load_examples, load_speechlm_checkpoint, pad_stack
+from speechlm import Stage, frozen_in_precision, load_examples, load_speechlm_checkpoint, pad_stack, speak
 from weights import load_llm, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -122,9 +125,9 @@ class AlignModel(nn.Module):
         self.llm.requires_grad_(False).eval()
 
     def audio_vectors(self, codes, code_lengths):
-        """codes (B, K, T) -> adapter vectors (B, N, d_llm)."""
+        """codes (B, K, T) -> adapter vectors (B, N, d_llm), in the adapter's dtype (fp32)."""
         states, lengths = self.speechlm.audio_states(codes, code_lengths, self.speechlm_layer)
-        return self.adapter(states, lengths)
+        return self.adapter(states.to(self.adapter.latents.dtype), lengths)       # frozen bf16 -> fp32
 
     def answer_logits(self, input_ids, labels, audio_mask=None, vectors=None):
         """The LLM's logits at the positions that predict the labelled tokens: (n_labelled, vocab)."""
@@ -179,23 +182,23 @@ def align_batch(examples, tokenizer, n_latents, prompt):
 def judge_generated(align_model, examples, cfg):
     """Text -> SpeechLM codes -> adapter -> LLM: how often the LLM's transcript of GENERATED speech says the
     text (WER <= 0.3), and the mean WER of those transcripts."""
-    import data
     texts, heard = [e["text"] for e in examples], []
     for e in examples:
         codes = align_model.speechlm.generate(e["text_ids"], e["desc_ids"], cfg.speechlm.max_seconds,
                                               temperature=0.8, top_k=50)
         heard.append(align_model.transcribe(codes.cpu()))
-    said = [data.word_error_rate([t], [h]) <= 0.3 for t, h in zip(texts, heard)]
-    return sum(said) / max(len(said), 1), data.word_error_rate(texts, heard)
+    said = [word_error_rate([t], [h]) <= 0.3 for t, h in zip(texts, heard)]
+    return sum(said) / max(len(said), 1), word_error_rate(texts, heard)
 
 
 def build_align_model(cfg, device, log=print):
-    """Frozen stage-1 SpeechLM + fresh PerceiverAdapter + frozen LLM (int8 with --system.precision=int8).
+    """Frozen stage-1 SpeechLM + fresh PerceiverAdapter + frozen LLM. --system.precision applies to the
+    frozen parts, as in the audio LM: SpeechLM and LLM weights in bf16/fp16, or their Linear layers in int8;
+    the adapter trains in fp32 and casts at both ends (SpeechLM states in, LLM embeddings out).
     Returns the AlignModel, the tokenizer and the config (the SpeechLM's dimensions from its checkpoint)."""
-    from config import choose_precision
-    from lora import quantize_int8_
     speechlm, tokenizer, cfg = load_speechlm_checkpoint(cfg.adapter.speechlm_checkpoint, cfg, log)
     dtype, int8 = choose_precision(cfg.system.precision, device, log)
+    speechlm = frozen_in_precision(speechlm, dtype, int8)
     llm = load_llm(resolve_checkpoint(cfg.model.llm), dtype, cfg.model.attention)
     embed_rms = llm.embed_tokens.weight.float().pow(2).mean().sqrt().item()          # typical token size
     if int8:
@@ -212,7 +215,6 @@ def build_align_model(cfg, device, log=print):
 
 def load_align_model(cfg, align_checkpoint, device, log=print):
     """For inference: build_align_model, then the trained adapter from a stage-2 output folder."""
-    from safetensors.torch import load_file
     model, tokenizer, cfg = build_align_model(cfg, device, log)
     path = Path(align_checkpoint)
     file = path / "ckpt" / "model.safetensors" if (path / "ckpt").exists() else path / "model.safetensors"
@@ -229,13 +231,12 @@ def load_align_model(cfg, align_checkpoint, device, log=print):
 
 
 def pipeline(align_model, codec, text, description=None, prompt=None, max_seconds=10.0, temperature=0.8,
-             top_k=50):
+             top_k=50, max_new_tokens=48):
     """text -> SpeechLM codes -> (waveform through the codec, and the LLM's response to the same codes
     through the adapter). Returns (waveform (samples,) at 24 kHz, response)."""
-    from speechlm import speak
     codes, waveform = speak(align_model.speechlm, align_model.tokenizer, codec, text, description, max_seconds,
                             temperature, top_k)
-    return waveform, align_model.transcribe(codes.cpu(), prompt)
+    return waveform, align_model.transcribe(codes.cpu(), prompt, max_new_tokens)
 
 
 def build_align_stage(cfg, device, log=print):
@@ -252,7 +253,6 @@ def build_align_stage(cfg, device, log=print):
         return align_batch([train_examples[j] for j in chosen], tokenizer, N, cfg.adapter.prompt)
 
     def evaluate(net=None):
-        import data
         net = model if net is None else net
         was_training = net.training
         net.eval()
@@ -263,7 +263,7 @@ def build_align_stage(cfg, device, log=print):
             losses = [net(**{k: v.to(device) for k, v in p.items()}).item() for p in parts]
             heard = [net.transcribe(e["codes"]) for e in held_out]
             metrics = {"test_loss": sum(losses) / len(losses),
-                       "wer": data.word_error_rate([e["text"] for e in held_out], heard)}
+                       "wer": word_error_rate([e["text"] for e in held_out], heard)}
             if cfg.adapter.eval_generate:
                 metrics["generated_said"], metrics["generated_wer"] = judge_generated(
                     net, test_examples[: cfg.adapter.eval_generate], cfg)

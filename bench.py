@@ -360,18 +360,19 @@ def bench_speechlm(device, steps, log, preset=SPEECHLM_REAL):
     """-> {"train_readable", "train_fast", "generate"} results, or {"missing": why} when speechlm.py can't."""
     try:
         import config
+        import data
         import speechlm
     except ImportError as e:
         return {"missing": f"import speechlm failed: {e}"}
     cfg = config.get_config(*preset)
-    K = speechlm.n_codebooks(cfg.speechlm.bandwidth)                            # 8
-    frames = int(cfg.speechlm.max_seconds * speechlm.CODEC_FRAME_RATE)         # 750
+    K = data.n_codebooks(cfg.speechlm.bandwidth)                            # 8
+    frames = int(cfg.speechlm.max_seconds * data.CODEC_FRAME_RATE)         # 750
     text_vocab = 49152                                                      # SmolLM2's tokenizer (ira preset)
     generator = torch.Generator().manual_seed(3)
     descriptions = [f"voice {i}" for i in range(12)]
 
     def example():
-        return {"codes": torch.randint(0, speechlm.CODEBOOK_SIZE, (K, frames), generator=generator),
+        return {"codes": torch.randint(0, data.CODEBOOK_SIZE, (K, frames), generator=generator),
                 "text_ids": torch.randint(0, text_vocab, (64,), generator=generator),
                 "desc_ids": torch.randint(0, text_vocab, (16,), generator=generator),
                 "description": descriptions[int(torch.randint(12, (1,), generator=generator))], "text": ""}

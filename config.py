@@ -116,6 +116,9 @@ class SpeechLMConfig:
     voice_layers: int = 2        # transformer blocks in each VoiceEncoder tower (text, audio)
     voice_weight: float = 1.0    # weight of the VoiceEncoder's InfoNCE loss in the stage-1 loss
     voice_batch_size: int = 64   # clips per contrastive batch (more negatives than one micro-batch)
+    voice_audio: str = "codes"   # what the VoiceEncoder's audio tower hears: "codes" (EnCodec) | "mel" (80-bin
+                                 # log-mel, made once beside the manifest); speaking uses its text tower only
+    voice_only: bool = False     # stage 1 trains only the VoiceEncoder (no SpeechLM loss): quick voice tuning
     uncond_prob: float = 0.1     # chance a training example drops its voice and text (audio-only modelling)
     eval_generate: int = 2       # held-out texts spoken at each evaluation (length check); 0 = none
 

@@ -2,7 +2,7 @@
 data.py: everything the audio language model eats, from a file on disk to a (waveform, text) pair.
 
 An audio LM learns from pairs: a waveform goes through the frozen Whisper encoder, a text target comes out of
-the LLM. Before any of that can happen we need three boring but treacherous things, and this file does them
+the LLM. Before any of that can happen we need a few boring but treacherous things, and this file does them
 in reading order:
 
   1. Audio I/O. A WAV file is a RIFF container: a 12-byte header ("RIFF", size, "WAVE") and then chunks, each
@@ -19,6 +19,12 @@ in reading order:
      dates, times, places, facts, and questions with computable answers), spoken by espeak-ng and flite with
      many accents, genders, speeds and pitches. The test split uses whole voices never heard in training, so
      a good test score means the model learned speech, not one synthesizer's timbre.
+  4. Batches for the audio LM: the frozen encoder's outputs cached once, length-sorted padded micro-batches.
+  5. IRA inputs (speechlm.py, adapter.py): every clip of a manifest turned ONCE into EnCodec codes (K
+     parallel code streams, 75 frames/s) and, for the VoiceEncoder, log-mel frames, stored as .npy beside
+     the manifest so training never runs the codec. `codec.json` records which codec weights made the codes;
+     codes from other weights are refused, never mixed. Without EnCodec's real weights the codec runs
+     untrained (seeded, k-means codebooks), with one loud warning: its codes tokenize, its audio is noise.
 
 Run:
     python data.py corpus --out corpus --n-train 2000 --n-test 300 --seed 0   # apt-get install espeak-ng
@@ -28,7 +34,7 @@ References: the RIFF/WAVE layout (Microsoft & IBM, "Multimedia Programming Inter
 Specifications 1.0", 1991) and WAVEFORMATEXTENSIBLE (Microsoft docs); LibriSpeech (Panayotov et al., 2015);
 LJSpeech (Ito & Johnson, 2017); Common Voice (Ardila et al., 2020); natural-language voice descriptions as in
 Parler-TTS (Lyth & King, "Natural language guidance of high-fidelity text-to-speech with synthetic
-annotations", 2024).
+annotations", 2024); EnCodec (Defossez et al., "High Fidelity Neural Audio Compression", 2022).
 
 Simplified on purpose: files are read whole into memory (fine for speech clips, wrong for hour-long
 recordings); only WAV is decoded here, anything else goes through torchaudio when it can, or asks you to
@@ -36,8 +42,10 @@ convert; the synthetic voices sound robotic, which is the price of having no dow
 """
 
 import argparse
+import contextlib
 import csv
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -49,6 +57,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import warnings
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,8 +67,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchaudio
+from encodec import EncodecModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+
+from config import ConfigError
+from model import log_mel_spectrogram
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Audio I/O
@@ -943,6 +956,259 @@ class AudioLMBatches:
             audio_mask[k, : len(ids)] = torch.tensor(mask)
             labels[k, : len(ids)] = torch.tensor(target)
         return {"input_ids": input_ids, "audio_mask": audio_mask, "labels": labels, **audio}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. IRA inputs, made once per manifest and stored beside it: EnCodec codes (what the SpeechLM speaks) and
+# log-mel frames (what the VoiceEncoder may hear instead, --speechlm.voice_audio=mel)
+#
+# EnCodec as a tokenizer (Defossez et al. 2022): a 24 kHz waveform becomes K parallel streams of codes,
+# 75 frames per second, 1024 entries per codebook (residual vector quantization: codebook k quantizes what
+# codebooks < k left). 1.5 kbps = 2 codebooks = 150 tokens per second. Without the real weights (no
+# download here), `encodec_model_24khz(pretrained=False)` has random convolutions and EMPTY codebooks (all
+# zeros, `inited = 0`: EnCodec fills them by k-means when its training starts), so every frame would get
+# code 0. We do that one step of its training: seeded k-means over the random encoder's frames of the
+# corpus's first ~3.6 minutes, one codebook per residual, saved beside the codes.
+
+CODEC_SAMPLE_RATE = 24000                  # Hz: the 24 kHz EnCodec model
+CODEC_FRAME_RATE = 75                      # frames per second: 24000 / 320 (the encoder's total stride)
+CODEBOOK_SIZE = 1024                       # entries per codebook: 10 bits per code
+CODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"   # the file name encodec looks for in `repository=`
+UNTRAINED_SEED = 0                         # seeds the untrained codec's weights and its k-means
+KMEANS_FRAMES = 16384                      # encoder frames (~3.6 min of audio) the untrained codebooks fit on
+KMEANS_ITERS = 10                          # Lloyd iterations per codebook
+MEL_BINS = 80                              # the VoiceEncoder's log-mel: Whisper's 80 bins (model.py) ...
+MEL_FRAME_RATE = 100                       # ... at 100 frames per second (16000 Hz / hop 160)
+_warned = False                            # True once the download failed and we said so
+
+
+def n_codebooks(bandwidth):
+    """kbps -> codebooks: each codebook costs 75 frames/s * 10 bits = 0.75 kbps (1.5 -> 2, 6 -> 8)."""
+    return int(round(bandwidth * 1000 / (CODEC_FRAME_RATE * 10)))
+
+
+def kmeans(x, n_clusters, iters, generator):
+    """Plain Lloyd k-means on x (N, D): init from distinct random rows; an empty cluster keeps its centre.
+    Distances through ||c||^2 - 2 x.c (one matmul) rather than an (N, n_clusters, D) difference tensor."""
+    start = torch.randperm(x.size(0), generator=generator)[:n_clusters]              # distinct rows ...
+    if len(start) < n_clusters:                                                       # ... or repeats if few
+        start = torch.cat([start, torch.randint(x.size(0), (n_clusters - len(start),), generator=generator)])
+    centres = x[start].clone()                                                        # (n_clusters, D)
+    for _ in range(iters):
+        assign = (centres.pow(2).sum(1)[None] - 2 * x @ centres.T).argmin(1)           # (N,)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=n_clusters)[:, None]
+        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
+    return centres
+
+
+class Codec:
+    """EnCodec 24 kHz at one bandwidth: waveform (samples,) <-> codes (K, frames). `name` says which weights:
+    'encodec_24khz' (real) or 'encodec_24khz-untrained'; `fingerprint` is a hash of every weight."""
+
+    def __init__(self, encodec_model, bandwidth, pretrained):
+        self.model, self.bandwidth, self.pretrained = encodec_model.eval(), bandwidth, pretrained
+        self.model.set_target_bandwidth(bandwidth)
+        self.n_codebooks = n_codebooks(bandwidth)
+        self.name = "encodec_24khz" if pretrained else "encodec_24khz-untrained"
+
+    def codebooks(self):
+        """The EuclideanCodebook modules of the first K residual quantizers."""
+        return [layer._codebook for layer in self.model.quantizer.vq.layers[: self.n_codebooks]]
+
+    def fingerprint(self):
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    @torch.inference_mode()
+    def features(self, wav):
+        """(samples,) at 24 kHz -> the encoder's (frames, 128) vectors, before quantization."""
+        return self.model.encoder(wav.float()[None, None])[0].T
+
+    @torch.inference_mode()
+    def encode(self, wav):
+        """(samples,) at 24 kHz -> codes (K, ceil(samples / 320)), int64."""
+        frames = self.model.encode(wav.float()[None, None])           # [(codes (1, K, T), scale None)]
+        return frames[0][0][0]
+
+    @torch.inference_mode()
+    def decode(self, codes):
+        """codes (K, T) -> waveform (T * 320,) at 24 kHz."""
+        return self.model.decode([(codes.long()[None], None)])[0, 0]
+
+    def fit_codebooks(self, waveforms):
+        """Untrained codec only: k-means codebooks, residual by residual, on the encoder's frames of these
+        clips (EnCodec itself starts training the same way: k-means on its first batch). Deterministic."""
+        x = torch.cat([self.features(w) for w in waveforms])[:KMEANS_FRAMES]             # (N, 128)
+        generator = torch.Generator().manual_seed(UNTRAINED_SEED)
+        for codebook in self.codebooks():
+            centres = kmeans(x, CODEBOOK_SIZE, KMEANS_ITERS, generator)                   # (1024, 128)
+            codebook.embed.copy_(centres), codebook.embed_avg.copy_(centres), codebook.inited.fill_(1)
+            x = x - centres[(centres.pow(2).sum(1)[None] - 2 * x @ centres.T).argmin(1)]   # the residual
+
+    def save_codebooks(self, path):
+        save_file({f"codebook.{k}": c.embed.contiguous() for k, c in enumerate(self.codebooks())}, str(path))
+
+    def load_codebooks(self, path):
+        tensors = load_file(str(path))
+        for k, codebook in enumerate(self.codebooks()):
+            codebook.embed.copy_(tensors[f"codebook.{k}"]), codebook.embed_avg.copy_(tensors[f"codebook.{k}"])
+            codebook.inited.fill_(1)
+
+
+def load_codec(codec_dir="", bandwidth=1.5, log=print):
+    """The real EnCodec 24 kHz when its weights can be had (`codec_dir` holding encodec_24khz-d7cc33bc.th,
+    or the package's own download), else the same architecture untrained, with one loud warning."""
+    global _warned
+    warnings.filterwarnings("ignore", message=".*weight_norm.*")      # encodec uses the older weight_norm API
+    if codec_dir:
+        if not (Path(codec_dir) / CODEC_CHECKPOINT).exists():
+            raise ConfigError(f"{codec_dir}/{CODEC_CHECKPOINT}: missing; put EnCodec's 24 kHz checkpoint there "
+                              f"or set --speechlm.codec='' to use the download (or the untrained codec)")
+        return Codec(EncodecModel.encodec_model_24khz(repository=Path(codec_dir)), bandwidth, pretrained=True)
+    if not _warned:                                # one download attempt (and one warning) per process
+        try:                                       # torch.hub prints "Downloading: ..." on stdout: not there
+            with contextlib.redirect_stdout(sys.stderr):
+                return Codec(EncodecModel.encodec_model_24khz(pretrained=True), bandwidth, pretrained=True)
+        except Exception as error:                 # offline: no download possible
+            log("!" * 100 + f"\n!! EnCodec weights unavailable ({type(error).__name__}): using an UNTRAINED "
+                "EnCodec (seeded weights, k-means codebooks).\n!! Its codes still tokenize audio (k-means "
+                "clusters of its random features), but DECODED AUDIO IS NOISE.\n!! For real speech put "
+                f"{CODEC_CHECKPOINT} in a folder and set --speechlm.codec=<folder>.\n" + "!" * 100)
+            _warned = True
+    with torch.random.fork_rng():                  # the same untrained weights on every run and machine
+        torch.manual_seed(UNTRAINED_SEED)
+        return Codec(EncodecModel.encodec_model_24khz(pretrained=False), bandwidth, pretrained=False)
+
+
+def codes_dir_for(manifest_path, bandwidth):
+    return Path(manifest_path).parent / f"codes-{bandwidth}kbps"
+
+
+def mels_dir_for(manifest_path):
+    return Path(manifest_path).parent / f"mel-{MEL_BINS}"
+
+
+def codes_path(codes_dir, audio_path, root):
+    """Where one clip's codes (or log-mel) live: its audio path relative to the manifest's folder, with .npy."""
+    try:
+        return codes_dir / Path(audio_path).relative_to(root).with_suffix(".npy")
+    except ValueError:                             # audio outside the corpus folder: name it by a hash
+        return codes_dir / "other" / (hashlib.sha1(str(audio_path).encode()).hexdigest()[:16] + ".npy")
+
+
+def _save_npy(path, array):
+    """np.save through a temporary name, so an interrupted run never leaves a half-written file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".tmp"), "wb") as f:
+        np.save(f, array)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print, codec=None):
+    """Encode every clip of a manifest once into `codes-<bandwidth>kbps/<audio path>.npy` (int16, (K, T))
+    beside it, with `codec.json` saying which codec weights made them. Clips already encoded are skipped.
+    An untrained codec fits its codebooks on this manifest's first clips and saves them there (so the next
+    manifest of the corpus reuses them). Refuses to add codes from other weights to a folder."""
+    manifest_path = Path(manifest_path)
+    root, codes_dir = manifest_path.parent.resolve(), codes_dir_for(manifest_path, bandwidth)
+    audio_paths = list(dict.fromkeys(row["audio"] for row in read_manifest(manifest_path)))   # unique
+    info_file = codes_dir / "codec.json"
+    todo = [p for p in audio_paths if not codes_path(codes_dir, p, root).exists()]
+    if info_file.exists() and not todo:           # all there: no need to even build the codec
+        made_by = json.loads(info_file.read_text())["codec"]
+        if codec_dir and made_by != "encodec_24khz":
+            raise ConfigError(f"{codes_dir}: codes were made by {made_by} but --speechlm.codec={codec_dir} "
+                              f"asks for real weights; delete {codes_dir} to re-encode")
+        return codes_dir
+    codec = codec or load_codec(codec_dir, bandwidth, log)
+    codes_dir.mkdir(parents=True, exist_ok=True)
+    if not codec.pretrained:
+        codebook_file = codes_dir / "codebooks.safetensors"
+        if codebook_file.exists():
+            codec.load_codebooks(codebook_file)
+        else:
+            clips, frames = [], 0
+            for path in audio_paths:               # the first clips, up to KMEANS_FRAMES frames
+                clips.append(load_audio(path, sr=CODEC_SAMPLE_RATE))
+                frames += clips[-1].numel() // 320
+                if frames >= KMEANS_FRAMES:
+                    break
+            log(f"untrained codec: fitting {codec.n_codebooks} k-means codebooks on {frames} frames")
+            codec.fit_codebooks(clips)
+            codec.save_codebooks(codebook_file)
+    info = {"codec": codec.name, "fingerprint": codec.fingerprint(), "bandwidth": bandwidth,
+            "n_codebooks": codec.n_codebooks, "frame_rate": CODEC_FRAME_RATE, "sample_rate": CODEC_SAMPLE_RATE}
+    if info_file.exists():
+        old = json.loads(info_file.read_text())
+        if (old["codec"], old["fingerprint"]) != (info["codec"], info["fingerprint"]):
+            raise ConfigError(f"{codes_dir}: codes were made by {old['codec']} ({old['fingerprint']}) but "
+                              f"this codec is {info['codec']} ({info['fingerprint']}); delete {codes_dir} to "
+                              f"re-encode")
+    info_file.write_text(json.dumps(info, indent=1) + "\n")
+    if todo:
+        log(f"encoding {len(todo)} clips of {manifest_path} with {codec.name} at {bandwidth} kbps "
+            f"-> {codes_dir}")
+    for i, path in enumerate(todo):
+        codes = codec.encode(load_audio(path, sr=CODEC_SAMPLE_RATE))                  # (K, T)
+        _save_npy(codes_path(codes_dir, path, root), codes.numpy().astype(np.int16))  # 10-bit codes fit int16
+        if (i + 1) % 200 == 0:
+            log(f"  {i + 1}/{len(todo)} clips encoded")
+    return codes_dir
+
+
+def read_codes(manifest_path, audio_paths, bandwidth):
+    """The stored codes of these clips, as int64 tensors (K, T), plus the codec.json they came with."""
+    manifest_path = Path(manifest_path)
+    codes_dir = codes_dir_for(manifest_path, bandwidth)
+    info = json.loads((codes_dir / "codec.json").read_text())
+    root = manifest_path.parent.resolve()
+    codes = [torch.from_numpy(np.load(codes_path(codes_dir, p, root)).astype(np.int64)) for p in audio_paths]
+    return codes, info
+
+
+def load_codec_for(cfg, log=print):
+    """The codec that made the corpus's codes, to turn SpeechLM output into audio: the real weights, or the
+    untrained codec with the corpus's k-means codebooks. Checked against the corpus's codec.json."""
+    codes_dir = codes_dir_for(Path(cfg.data.corpus) / "train.jsonl", cfg.speechlm.bandwidth)
+    codec = load_codec(cfg.speechlm.codec, cfg.speechlm.bandwidth, log)
+    if not codec.pretrained:
+        if not (codes_dir / "codebooks.safetensors").exists():
+            raise ConfigError(f"{codes_dir}/codebooks.safetensors: missing; the untrained codec's codebooks "
+                              f"are made with the corpus's codes (python train.py --stage=speechlm)")
+        codec.load_codebooks(codes_dir / "codebooks.safetensors")
+    if (codes_dir / "codec.json").exists():
+        made = json.loads((codes_dir / "codec.json").read_text())
+        if made["fingerprint"] != codec.fingerprint():
+            raise ConfigError(f"{codes_dir}: the SpeechLM learned codes of {made['codec']} "
+                              f"({made['fingerprint']}), not of this {codec.name}; set --speechlm.codec to the "
+                              f"weights that made them")
+    return codec
+
+
+def encode_manifest_mels(manifest_path, log=print):
+    """Every clip's log-mel (80, frames at 100/s) once, as float16 `mel-80/<audio path>.npy` beside the
+    manifest: Whisper's front end (model.log_mel_spectrogram), no encoder. Clips already there are skipped."""
+    manifest_path = Path(manifest_path)
+    root, mel_dir = manifest_path.parent.resolve(), mels_dir_for(manifest_path)
+    audio_paths = list(dict.fromkeys(row["audio"] for row in read_manifest(manifest_path)))   # unique
+    todo = [p for p in audio_paths if not codes_path(mel_dir, p, root).exists()]
+    if todo:
+        log(f"log-mel of {len(todo)} clips of {manifest_path} -> {mel_dir}")
+    for path in todo:
+        mel = log_mel_spectrogram(load_audio(path), MEL_BINS)                            # (80, frames)
+        _save_npy(codes_path(mel_dir, path, root), mel.numpy().astype(np.float16))       # values in ~[-1, 1.5]
+    return mel_dir
+
+
+def read_mels(manifest_path, audio_paths):
+    """The stored log-mel of these clips, as float32 tensors (80, frames)."""
+    manifest_path = Path(manifest_path)
+    mel_dir, root = mels_dir_for(manifest_path), manifest_path.parent.resolve()
+    return [torch.from_numpy(np.load(codes_path(mel_dir, p, root)).astype(np.float32)) for p in audio_paths]
 
 
 # ----------------------------------------------------------------------------------------------------------

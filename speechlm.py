@@ -5,16 +5,12 @@ IRA stage 1: a SpeechLM that speaks in EnCodec tokens, and a CLIP-style VoiceEnc
         -> SpeechLM (8 causal blocks over [voice] [text tokens] [audio codes]) -> EnCodec codes (K x 75/s)
         -> EnCodec decoder -> 24 kHz waveform
 
+The audio side comes from data.py (section 5): EnCodec 24 kHz turns a waveform into K parallel streams of
+codes, 75 frames per second, 1024 entries per codebook (1.5 kbps = 2 codebooks = 150 tokens per second),
+once per corpus, stored beside the manifest; `data.load_codec_for` turns codes back into a waveform.
+
 Reading order (each section uses only the ones above it):
-  1. EnCodec as a tokenizer. A 24 kHz waveform becomes K parallel streams of codes, 75 frames per second,
-     1024 entries per codebook (residual vector quantization: codebook k quantizes what codebooks < k left).
-     1.5 kbps = 2 codebooks = 150 tokens per second. `encode_manifest_codes` runs the codec ONCE per corpus
-     and stores int16 .npy files beside the manifest, so training never runs the codec. Without the real
-     weights (no download here), `encodec_model_24khz(pretrained=False)` has random convolutions and EMPTY
-     codebooks (all zeros, `inited = 0`: EnCodec fills them by k-means when its training starts), so every
-     frame would get code 0. We do that one step of its training: seeded k-means over the random encoder's
-     frames of the corpus's first ~3.6 minutes, one codebook per residual, saved beside the codes.
-  2. The delay pattern (MusicGen, Copet et al. 2023). One transformer step predicts all K codebooks of a
+  1. The delay pattern (MusicGen, Copet et al. 2023). One transformer step predicts all K codebooks of a
      column at once; codebook k is shifted right by k steps, so codebook k of frame t is predicted after
      codebooks < k of frame t are already known (they came one step earlier). For K = 3, T = 4 frames:
 
@@ -23,241 +19,51 @@ Reading order (each section uses only the ones above it):
         book 1:    .    b0   b1   b2   b3   .
         book 2:    .    .    c0   c1   c2   c3            T frames -> T + K - 1 steps, exactly invertible
 
-  3. VoiceEncoder (CLIP, Radford et al. 2021; voice descriptions as in Parler-TTS, Lyth & King 2024): a small
-     text encoder over the description and a small audio encoder over the codes, both projected into one
-     space and trained with a symmetric InfoNCE loss at a learned temperature. Clips whose descriptions are
-     the same text count as positives of each other (a batch often holds two "slow male British" clips).
-  4. SpeechLM: Llama blocks (model.LlamaBlock: RMSNorm, RoPE, SwiGLU) over
+  2. VoiceEncoder (CLIP, Radford et al. 2021; voice descriptions as in Parler-TTS, Lyth & King 2024): a small
+     text encoder over the description and a small audio encoder over the codes (or log-mel:
+     --speechlm.voice_audio), both projected into one space and trained with a symmetric InfoNCE loss at a
+     learned temperature. Clips whose descriptions are the same text count as positives of each other (a
+     batch often holds two "slow male British" clips).
+  3. SpeechLM: Llama blocks (model.LlamaBlock: RMSNorm, RoPE, SwiGLU) over
      `[voice embedding] [text tokens of the LLM's tokenizer] [BOS] [delayed code columns]`, one embedding
      table and one output head per codebook (a column's input is the sum of its K embeddings), cross-entropy
      on audio positions only. A frame of END codes marks the end of speech, so generate() knows when to stop.
      With probability `uncond_prob` the voice and text are dropped (classifier-free-guidance style): the
      model then also knows audio on its own, which is how the adapter (adapter.py) reads it.
-  5. Stage 1 for train.py: micro-batches (a pure function of their number), the model's loss, evaluation.
+  4. Stage 1 for train.py: micro-batches (a pure function of their number), the model's loss, evaluation.
 
 Run:
     python train.py --stage=speechlm                      # encodes corpus codes once, then trains
     python infer.py --speak "turn off the lights" --voice "a fast, high-pitched female voice" --out out.wav
 
 Simplified on purpose: EnCodec's weights cannot be downloaded everywhere; without them the codec runs
-UNTRAINED (seeded encoder, k-means codebooks, see section 1): its codes still tokenize audio, but decoded audio
-is noise. No classifier-free guidance at sampling time, no prompt audio (voice cloning), batch-1 generation.
+UNTRAINED (seeded encoder, k-means codebooks, see data.py section 5): its codes still tokenize audio, but
+decoded audio is noise. No classifier-free guidance at sampling time, no prompt audio (voice cloning),
+batch-1 generation.
 """
-import hashlib
 import json
 import math
-import warnings
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from itertools import count
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from config import ConfigError
+from config import ConfigError, choose_precision
+from data import (CODEBOOK_SIZE, CODEC_FRAME_RATE, MEL_BINS, MEL_FRAME_RATE, describe_voice,
+                  encode_manifest_codes, encode_manifest_mels, n_codebooks, read_codes, read_manifest, read_mels)
+from lora import quantize_int8_
 from model import (EncoderBlock, KVCache, LayerNorm, LlamaBlock, LlamaConfig, RMSNorm, WhisperConfig, rope_tables,
                    sample_next_token)
 from weights import Tokenizer, read_config, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
-# 1. EnCodec as a tokenizer: load it (real weights or untrained), waveform <-> codes, codes on disk
-
-CODEC_SAMPLE_RATE = 24000                  # Hz: the 24 kHz EnCodec model
-CODEC_FRAME_RATE = 75                      # frames per second: 24000 / 320 (the encoder's total stride)
-CODEBOOK_SIZE = 1024                       # entries per codebook: 10 bits per code
-CODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"   # the file name encodec looks for in `repository=`
-UNTRAINED_SEED = 0                         # seeds the untrained codec's weights and its k-means
-KMEANS_FRAMES = 16384                      # encoder frames (~3.6 min of audio) the untrained codebooks fit on
-KMEANS_ITERS = 10                          # Lloyd iterations per codebook
-_warned = False                            # True once the download failed and we said so
-
-
-def n_codebooks(bandwidth):
-    """kbps -> codebooks: each codebook costs 75 frames/s * 10 bits = 0.75 kbps (1.5 -> 2, 6 -> 8)."""
-    return int(round(bandwidth * 1000 / (CODEC_FRAME_RATE * 10)))
-
-
-def kmeans(x, n_clusters, iters, generator):
-    """Plain Lloyd k-means on x (N, D): init from distinct random rows; an empty cluster keeps its centre.
-    Distances through ||c||^2 - 2 x.c (one matmul) rather than an (N, n_clusters, D) difference tensor."""
-    start = torch.randperm(x.size(0), generator=generator)[:n_clusters]              # distinct rows ...
-    if len(start) < n_clusters:                                                       # ... or repeats if few
-        start = torch.cat([start, torch.randint(x.size(0), (n_clusters - len(start),), generator=generator)])
-    centres = x[start].clone()                                                        # (n_clusters, D)
-    for _ in range(iters):
-        assign = (centres.pow(2).sum(1)[None] - 2 * x @ centres.T).argmin(1)           # (N,)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=n_clusters)[:, None]
-        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
-    return centres
-
-
-class Codec:
-    """EnCodec 24 kHz at one bandwidth: waveform (samples,) <-> codes (K, frames). `name` says which weights:
-    'encodec_24khz' (real) or 'encodec_24khz-untrained'; `fingerprint` is a hash of every weight."""
-
-    def __init__(self, encodec_model, bandwidth, pretrained):
-        self.model, self.bandwidth, self.pretrained = encodec_model.eval(), bandwidth, pretrained
-        self.model.set_target_bandwidth(bandwidth)
-        self.n_codebooks = n_codebooks(bandwidth)
-        self.name = "encodec_24khz" if pretrained else "encodec_24khz-untrained"
-
-    def codebooks(self):
-        """The EuclideanCodebook modules of the first K residual quantizers."""
-        return [layer._codebook for layer in self.model.quantizer.vq.layers[: self.n_codebooks]]
-
-    def fingerprint(self):
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
-
-    @torch.inference_mode()
-    def features(self, wav):
-        """(samples,) at 24 kHz -> the encoder's (frames, 128) vectors, before quantization."""
-        return self.model.encoder(wav.float()[None, None])[0].T
-
-    @torch.inference_mode()
-    def encode(self, wav):
-        """(samples,) at 24 kHz -> codes (K, ceil(samples / 320)), int64."""
-        frames = self.model.encode(wav.float()[None, None])           # [(codes (1, K, T), scale None)]
-        return frames[0][0][0]
-
-    @torch.inference_mode()
-    def decode(self, codes):
-        """codes (K, T) -> waveform (T * 320,) at 24 kHz."""
-        return self.model.decode([(codes.long()[None], None)])[0, 0]
-
-    def fit_codebooks(self, waveforms):
-        """Untrained codec only: k-means codebooks, residual by residual, on the encoder's frames of these
-        clips (EnCodec itself starts training the same way: k-means on its first batch). Deterministic."""
-        x = torch.cat([self.features(w) for w in waveforms])[:KMEANS_FRAMES]             # (N, 128)
-        generator = torch.Generator().manual_seed(UNTRAINED_SEED)
-        for codebook in self.codebooks():
-            centres = kmeans(x, CODEBOOK_SIZE, KMEANS_ITERS, generator)                   # (1024, 128)
-            codebook.embed.copy_(centres), codebook.embed_avg.copy_(centres), codebook.inited.fill_(1)
-            x = x - centres[(centres.pow(2).sum(1)[None] - 2 * x @ centres.T).argmin(1)]   # the residual
-
-    def save_codebooks(self, path):
-        from safetensors.torch import save_file
-        save_file({f"codebook.{k}": c.embed.contiguous() for k, c in enumerate(self.codebooks())}, str(path))
-
-    def load_codebooks(self, path):
-        from safetensors.torch import load_file
-        tensors = load_file(str(path))
-        for k, codebook in enumerate(self.codebooks()):
-            codebook.embed.copy_(tensors[f"codebook.{k}"]), codebook.embed_avg.copy_(tensors[f"codebook.{k}"])
-            codebook.inited.fill_(1)
-
-
-def load_codec(codec_dir="", bandwidth=1.5, log=print):
-    """The real EnCodec 24 kHz when its weights can be had (`codec_dir` holding encodec_24khz-d7cc33bc.th,
-    or the package's own download), else the same architecture untrained, with one loud warning."""
-    global _warned
-    from encodec import EncodecModel
-    warnings.filterwarnings("ignore", message=".*weight_norm.*")      # encodec uses the older weight_norm API
-    if codec_dir:
-        if not (Path(codec_dir) / CODEC_CHECKPOINT).exists():
-            raise ConfigError(f"{codec_dir}/{CODEC_CHECKPOINT}: missing; put EnCodec's 24 kHz checkpoint there "
-                             f"or set --speechlm.codec='' to use the download (or the untrained codec)")
-        return Codec(EncodecModel.encodec_model_24khz(repository=Path(codec_dir)), bandwidth, pretrained=True)
-    if not _warned:                                # one download attempt (and one warning) per process
-        try:
-            return Codec(EncodecModel.encodec_model_24khz(pretrained=True), bandwidth, pretrained=True)
-        except Exception as error:                 # offline: no download possible
-            log("!" * 100 + f"\n!! EnCodec weights unavailable ({type(error).__name__}): using an UNTRAINED "
-                "EnCodec (seeded weights, k-means codebooks).\n!! Its codes still tokenize audio (k-means "
-                "clusters of its random features), but DECODED AUDIO IS NOISE.\n!! For real speech put "
-                f"{CODEC_CHECKPOINT} in a folder and set --speechlm.codec=<folder>.\n" + "!" * 100)
-            _warned = True
-    with torch.random.fork_rng():                  # the same untrained weights on every run and machine
-        torch.manual_seed(UNTRAINED_SEED)
-        return Codec(EncodecModel.encodec_model_24khz(pretrained=False), bandwidth, pretrained=False)
-
-
-def codes_dir_for(manifest_path, bandwidth):
-    return Path(manifest_path).parent / f"codes-{bandwidth}kbps"
-
-
-def codes_path(codes_dir, audio_path, root):
-    """Where one clip's codes live: its audio path relative to the manifest's folder, with .npy."""
-    try:
-        return codes_dir / Path(audio_path).relative_to(root).with_suffix(".npy")
-    except ValueError:                             # audio outside the corpus folder: name it by a hash
-        return codes_dir / "other" / (hashlib.sha1(str(audio_path).encode()).hexdigest()[:16] + ".npy")
-
-
-def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print, codec=None):
-    """Encode every clip of a manifest once into `codes-<bandwidth>kbps/<audio path>.npy` (int16, (K, T))
-    beside it, with `codec.json` saying which codec weights made them. Clips already encoded are skipped.
-    An untrained codec fits its codebooks on this manifest's first clips and saves them there (so the next
-    manifest of the corpus reuses them). Refuses to add codes from other weights to a folder."""
-    import data
-    manifest_path = Path(manifest_path)
-    root, codes_dir = manifest_path.parent.resolve(), codes_dir_for(manifest_path, bandwidth)
-    audio_paths = list(dict.fromkeys(row["audio"] for row in data.read_manifest(manifest_path)))  # unique
-    info_file = codes_dir / "codec.json"
-    todo = [p for p in audio_paths if not codes_path(codes_dir, p, root).exists()]
-    if info_file.exists() and not todo:           # all there: no need to even build the codec
-        made_by = json.loads(info_file.read_text())["codec"]
-        if codec_dir and made_by != "encodec_24khz":
-            raise ConfigError(f"{codes_dir}: codes were made by {made_by} but --speechlm.codec={codec_dir} "
-                              f"asks for real weights; delete {codes_dir} to re-encode")
-        return codes_dir
-    codec = codec or load_codec(codec_dir, bandwidth, log)
-    codes_dir.mkdir(parents=True, exist_ok=True)
-    if not codec.pretrained:
-        codebook_file = codes_dir / "codebooks.safetensors"
-        if codebook_file.exists():
-            codec.load_codebooks(codebook_file)
-        else:
-            clips, frames = [], 0
-            for path in audio_paths:               # the first clips, up to KMEANS_FRAMES frames
-                clips.append(data.load_audio(path, sr=CODEC_SAMPLE_RATE))
-                frames += clips[-1].numel() // 320
-                if frames >= KMEANS_FRAMES:
-                    break
-            log(f"untrained codec: fitting {codec.n_codebooks} k-means codebooks on {frames} frames")
-            codec.fit_codebooks(clips)
-            codec.save_codebooks(codebook_file)
-    info = {"codec": codec.name, "fingerprint": codec.fingerprint(), "bandwidth": bandwidth,
-            "n_codebooks": codec.n_codebooks, "frame_rate": CODEC_FRAME_RATE, "sample_rate": CODEC_SAMPLE_RATE}
-    if info_file.exists():
-        old = json.loads(info_file.read_text())
-        if (old["codec"], old["fingerprint"]) != (info["codec"], info["fingerprint"]):
-            raise ConfigError(f"{codes_dir}: codes were made by {old['codec']} ({old['fingerprint']}) but "
-                              f"this codec is {info['codec']} ({info['fingerprint']}); delete {codes_dir} to "
-                              f"re-encode")
-    info_file.write_text(json.dumps(info, indent=1) + "\n")
-    if todo:
-        log(f"encoding {len(todo)} clips of {manifest_path} with {codec.name} at {bandwidth} kbps "
-            f"-> {codes_dir}")
-    for i, path in enumerate(todo):
-        codes = codec.encode(data.load_audio(path, sr=CODEC_SAMPLE_RATE))          # (K, T)
-        out = codes_path(codes_dir, path, root)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, codes.numpy().astype(np.int16))                                # 10-bit codes fit int16
-        if (i + 1) % 200 == 0:
-            log(f"  {i + 1}/{len(todo)} clips encoded")
-    return codes_dir
-
-
-def read_codes(manifest_path, audio_paths, bandwidth):
-    """The stored codes of these clips, as int64 tensors (K, T), plus the codec.json they came with."""
-    manifest_path = Path(manifest_path)
-    codes_dir = codes_dir_for(manifest_path, bandwidth)
-    info = json.loads((codes_dir / "codec.json").read_text())
-    root = manifest_path.parent.resolve()
-    codes = [torch.from_numpy(np.load(codes_path(codes_dir, p, root)).astype(np.int64)) for p in audio_paths]
-    return codes, info
-
-
-# -----------------------------------------------------------------------------
-# 2. The delay pattern: K codebooks interleaved one step apart (see the picture in the docstring)
+# 1. The delay pattern: K codebooks interleaved one step apart (see the picture in the docstring)
 
 PAD, BOS, END = CODEBOOK_SIZE, CODEBOOK_SIZE + 1, CODEBOOK_SIZE + 2   # ids after the 1024 codes
 CODE_VOCAB = CODEBOOK_SIZE + 3                                         # embedding rows / head outputs per book
@@ -279,7 +85,7 @@ def undo_delay(delayed):
 
 
 # -----------------------------------------------------------------------------
-# 3. VoiceEncoder: descriptions and codes in one space, CLIP-style
+# 2. VoiceEncoder: descriptions and audio in one space, CLIP-style
 
 def masked_mean(x, lengths):
     """x (B, T, C), lengths (B,) -> (B, C): the mean over each row's first `length` positions."""
@@ -290,7 +96,7 @@ def masked_mean(x, lengths):
 def info_nce(audio, text, logit_scale, same=None):
     """Symmetric InfoNCE over a batch of unit vectors audio (B, D), text (B, D). Row i's positives are the
     columns j with same[i, j] (default: only j = i); the target spreads evenly over them."""
-    logits = logit_scale.exp() * audio @ text.T                                  # (B, B) cosine * 1/temperature
+    logits = logit_scale.exp() * (audio @ text.T).float()                        # (B, B) cosine * 1/temperature
     same = torch.eye(len(audio), dtype=torch.bool, device=audio.device) if same is None else same
     target = same.float() / same.float().sum(1, keepdim=True)                    # (B, B) rows sum to 1
     audio_to_text = -(target * logits.log_softmax(1)).sum(1).mean()
@@ -299,17 +105,28 @@ def info_nce(audio, text, logit_scale, same=None):
 
 
 class VoiceEncoder(nn.Module):
-    """embed_text(description ids) and embed_audio(codes) -> unit vectors (B, dim) in one shared space."""
+    """embed_text(description ids) and embed_audio(codes or log-mel) -> unit vectors (B, dim) in one space.
 
-    def __init__(self, text_vocab, n_codebooks, dim=256, n_layers=2, n_heads=4, max_text=64, max_frames=1024):
+    The audio tower hears `audio_input`: "codes" (the SpeechLM's own EnCodec codes, K embeddings summed per
+    frame, 75 frames/s) or "mel" (80-bin log-mel at 100 frames/s through a 3-tap convolution, as Whisper's
+    first layer). Either way a stride-4 convolution then shortens time (18.75 or 25 positions/s). Only the
+    text tower is used when speaking; the audio tower exists to teach it, so its input is a free choice."""
+
+    def __init__(self, text_vocab, n_codebooks, dim=256, n_layers=2, n_heads=4, max_text=64, max_frames=1024,
+                 audio_input="codes"):
         super().__init__()
+        if audio_input not in ("codes", "mel"):
+            raise ConfigError(f"--speechlm.voice_audio={audio_input}: choose codes or mel")
         block_cfg = WhisperConfig(d_model=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=4 * dim)
-        self.max_text, self.stride = max_text, 4
+        self.max_text, self.stride, self.audio_input = max_text, 4, audio_input
         self.text_embed = nn.Embedding(text_vocab, dim)
         self.text_pos = nn.Embedding(max_text, dim)
         self.text_blocks = nn.ModuleList(EncoderBlock(block_cfg) for _ in range(n_layers))
         self.text_norm, self.text_proj = LayerNorm(dim), nn.Linear(dim, dim, bias=False)
-        self.code_embed = nn.ModuleList(nn.Embedding(CODEBOOK_SIZE, dim) for _ in range(n_codebooks))
+        if audio_input == "codes":
+            self.code_embed = nn.ModuleList(nn.Embedding(CODEBOOK_SIZE, dim) for _ in range(n_codebooks))
+        else:
+            self.mel_in = nn.Conv1d(MEL_BINS, dim, kernel_size=3, padding=1)     # sees 30 ms per frame
         self.audio_down = nn.Conv1d(dim, dim, kernel_size=self.stride, stride=self.stride)   # 75 -> 18.75 /s
         self.audio_pos = nn.Embedding(max_frames // self.stride + 1, dim)
         self.audio_blocks = nn.ModuleList(EncoderBlock(block_cfg) for _ in range(n_layers))
@@ -328,22 +145,27 @@ class VoiceEncoder(nn.Module):
         x = self.text_embed(ids) + self.text_pos.weight[: ids.size(1)]           # (B, L, dim)
         return self._encode(x, lengths, self.text_blocks, self.text_norm, self.text_proj)
 
-    def embed_audio(self, codes, lengths):
-        """codes (B, K, T) right-padded (any id < 1024 in the padding), lengths (B,) frames -> (B, dim)."""
-        x = sum(embed(codes[:, k].clamp(max=CODEBOOK_SIZE - 1)) for k, embed in enumerate(self.code_embed))
-        x = F.pad(x.transpose(1, 2), (0, (-x.size(1)) % self.stride))            # (B, dim, T) -> multiple of 4
+    def embed_audio(self, audio, lengths):
+        """audio right-padded, codes (B, K, T) (any id < 1024 in the padding) or log-mel (B, 80, T), as
+        `audio_input` says; lengths (B,) frames -> (B, dim)."""
+        if self.audio_input == "codes":
+            x = sum(embed(audio[:, k].clamp(max=CODEBOOK_SIZE - 1)) for k, embed in enumerate(self.code_embed))
+            x = x.transpose(1, 2)                                                # (B, T, dim) -> (B, dim, T)
+        else:
+            x = F.gelu(self.mel_in(audio))                                       # (B, 80, T) -> (B, dim, T)
+        x = F.pad(x, (0, (-x.size(2)) % self.stride))                            # T -> a multiple of 4
         x = self.audio_down(x).transpose(1, 2)                                   # (B, T / 4, dim)
         x = x + self.audio_pos.weight[: x.size(1)]
         return self._encode(x, (lengths + self.stride - 1) // self.stride, self.audio_blocks, self.audio_norm,
                             self.audio_proj)
 
-    def loss(self, codes, code_lengths, desc_ids, desc_lengths, same=None):
-        return info_nce(self.embed_audio(codes, code_lengths), self.embed_text(desc_ids, desc_lengths),
+    def loss(self, audio, audio_lengths, desc_ids, desc_lengths, same=None):
+        return info_nce(self.embed_audio(audio, audio_lengths), self.embed_text(desc_ids, desc_lengths),
                         self.logit_scale.clamp(max=math.log(100)), same)        # temperature >= 0.01
 
 
 # -----------------------------------------------------------------------------
-# 4. SpeechLM: [voice] [text] [BOS] [delayed code columns] -> next column, one head per codebook
+# 3. SpeechLM: [voice] [text] [BOS] [delayed code columns] -> next column, one head per codebook
 
 def speechlm_llama_config(cfg, max_positions):
     """The Llama-block dimensions of a SpeechLMConfig (multi-head attention: as many kv heads as heads)."""
@@ -358,8 +180,9 @@ class SpeechLM(nn.Module):
         self.K, self.max_text = n_codebooks, max_text
         max_frames = int(cfg.max_seconds * CODEC_FRAME_RATE)                       # 750 for 10 s
         self.lcfg = speechlm_llama_config(cfg, max_positions=1 + max_text + max_frames + n_codebooks + 1)
+        voice_frames = max_frames if cfg.voice_audio == "codes" else int(cfg.max_seconds * MEL_FRAME_RATE)
         self.voice = VoiceEncoder(text_vocab, n_codebooks, cfg.voice_dim, cfg.voice_layers,
-                                  max_frames=max_frames)
+                                  max_frames=voice_frames, audio_input=cfg.voice_audio)
         self.voice_proj = nn.Linear(cfg.voice_dim, cfg.d_model)                  # shared space -> one position
         # the voice slot when unconditional; random, not zero: RMSNorm's gradient at 0 is 1/sqrt(eps) = 316
         self.null_voice = nn.Parameter(0.02 * torch.randn(cfg.d_model))
@@ -492,7 +315,7 @@ def audio_columns(codes, lengths):
 
 
 # -----------------------------------------------------------------------------
-# 5. Stage 1 for train.py: the examples, micro-batches, the training loss and the held-out metrics
+# 4. Stage 1 for train.py: the examples, micro-batches, the training loss and the held-out metrics
 
 @dataclass
 class Stage:
@@ -512,22 +335,26 @@ def describe(row):
     """A row's voice description: the corpus's own (`voice_description`), else made from its voice."""
     if row.get("voice_description") or row.get("description"):
         return row.get("voice_description") or row["description"]
-    import data
-    return data.describe_voice(row["voice"])
+    return describe_voice(row["voice"])
 
 
 def load_examples(manifest_path, cfg, tokenizer, log=print):
-    """The transcribe rows of a manifest with their codes (encoded now if not yet on disk) and token ids.
-    Clips longer than speechlm.max_seconds are left out."""
-    import data
-    rows = [r for r in data.read_manifest(manifest_path) if r["task"] == "transcribe"]
+    """The transcribe rows of a manifest with their codes (encoded now if not yet on disk) and token ids,
+    and with --speechlm.voice_audio=mel their log-mel (also made once). Clips longer than
+    speechlm.max_seconds are left out."""
+    rows = [r for r in read_manifest(manifest_path) if r["task"] == "transcribe"]
     encode_manifest_codes(manifest_path, cfg.speechlm.bandwidth, cfg.speechlm.codec, log)
     codes, info = read_codes(manifest_path, [r["audio"] for r in rows], cfg.speechlm.bandwidth)
+    mels = [None] * len(rows)
+    if cfg.speechlm.voice_audio == "mel":                         # what the VoiceEncoder's audio tower hears
+        encode_manifest_mels(manifest_path, log)
+        mels = read_mels(manifest_path, [r["audio"] for r in rows])                  # each (80, frames)
     max_frames = int(cfg.speechlm.max_seconds * CODEC_FRAME_RATE)
     examples = [{"text": r["text"], "description": describe(r), "codes": c,
                  "text_ids": torch.tensor(tokenizer.encode(r["text"])[:64]),
-                 "desc_ids": torch.tensor(tokenizer.encode(describe(r))[:64])}
-                for r, c in zip(rows, codes) if c.size(1) <= max_frames]
+                 "desc_ids": torch.tensor(tokenizer.encode(describe(r))[:64]),
+                 **({"mel": m} if m is not None else {})}
+                for r, c, m in zip(rows, codes, mels) if c.size(1) <= max_frames]
     log(f"{manifest_path}: {len(examples)} clips ({len(rows) - len(examples)} longer than "
         f"{cfg.speechlm.max_seconds} s left out), codes by {info['codec']} ({info['fingerprint']})")
     return examples, info
@@ -554,27 +381,43 @@ def speech_batch(examples, uncond=None):
                 audio_lengths=code_lengths + codes.size(1))
 
 
-def voice_batch(examples):
-    """Examples -> VoiceEncoder.loss's keyword arguments, with same-description rows as positives."""
-    codes, code_lengths = pad_stack([e["codes"] for e in examples])
+def voice_batch(examples, audio="codes"):
+    """Examples -> VoiceEncoder.loss's keyword arguments, with same-description rows as positives.
+    audio: the examples' input the audio tower hears, "codes" or "mel" (the VoiceEncoder's audio_input)."""
+    audio, audio_lengths = pad_stack([e[audio] for e in examples])         # (B, K, T) codes or (B, 80, T) mel
     desc_ids, desc_lengths = pad_stack([e["desc_ids"] for e in examples])
     names = [e["description"] for e in examples]
     same = torch.tensor([[a == b for b in names] for a in names])
-    return dict(codes=codes, code_lengths=code_lengths, desc_ids=desc_ids, desc_lengths=desc_lengths, same=same)
+    return dict(audio=audio, audio_lengths=audio_lengths, desc_ids=desc_ids, desc_lengths=desc_lengths,
+                same=same)
 
 
 class SpeechLMTraining(nn.Module):
-    """Stage 1's loss: the SpeechLM's code-token cross-entropy + voice_weight * the VoiceEncoder's InfoNCE."""
+    """Stage 1's loss: the SpeechLM's code-token cross-entropy + voice_weight * the VoiceEncoder's InfoNCE.
 
-    def __init__(self, speechlm, voice_weight):
+    voice_only: the InfoNCE alone, and only the VoiceEncoder trains (a quick way to tune voice retrieval).
+    autocast: None (fp32), or torch.bfloat16 / torch.float16 (--system.precision): the step's matmuls run
+    in that dtype under torch.autocast while the weights, the gradients and AdamW's update stay fp32. Every
+    weight of stage 1 trains, so a 16-bit copy of them would lose small updates to rounding; autocast keeps
+    the fp32 master weights and casts on the fly. Norms, softmax and the losses stay fp32 either way."""
+
+    def __init__(self, speechlm, voice_weight, voice_only=False, autocast=None):
         super().__init__()
         self.speechlm, self.voice_weight = speechlm, voice_weight
+        self.voice_only, self.autocast = voice_only, autocast
+        if voice_only:
+            speechlm.requires_grad_(False)
+            speechlm.voice.requires_grad_(True)
 
     def forward(self, **batch):
         """batch: SpeechLM.forward's arguments, and VoiceEncoder.loss's with a `voice_` prefix."""
         voice = {k.removeprefix("voice_"): v for k, v in batch.items() if k.startswith("voice_")}
         speech = {k: v for k, v in batch.items() if not k.startswith("voice_")}
-        return self.speechlm(**speech) + self.voice_weight * self.speechlm.voice.loss(**voice)
+        device_type = self.speechlm.null_voice.device.type
+        with torch.autocast(device_type, self.autocast) if self.autocast else nullcontext():
+            if self.voice_only:
+                return self.speechlm.voice.loss(**voice)
+            return self.speechlm(**speech) + self.voice_weight * self.speechlm.voice.loss(**voice)
 
 
 def build_speechlm(cfg, log=print):
@@ -591,8 +434,6 @@ def build_speechlm(cfg, log=print):
 def load_speechlm_checkpoint(path, cfg, log=print):
     """The stage-1 SpeechLM from a train.py output folder (`<path>/ckpt/model.safetensors`, or a folder
     holding model.safetensors). Its dimensions come from the checkpoint's own config when it has one."""
-    from dataclasses import replace
-    from safetensors.torch import load_file
     path = Path(path)
     folder = path / "ckpt" if (path / "ckpt" / "model.safetensors").exists() else path
     fix = "train stage 1 first (python train.py --stage=speechlm) or set --adapter.speechlm_checkpoint=<folder>"
@@ -602,6 +443,10 @@ def load_speechlm_checkpoint(path, cfg, log=print):
         if meta_file.exists():
             saved = json.loads(meta_file.read_text())
             saved = saved[key] if key else saved
+            if saved["speechlm"].get("voice_only"):
+                raise ConfigError(f"{path}: trained with --speechlm.voice_only=True, so it holds the "
+                                  f"VoiceEncoder alone; {fix}")
+            saved["speechlm"].setdefault("voice_audio", "codes")           # written before voice_audio existed
             cfg = replace(cfg, speechlm=replace(cfg.speechlm, **saved["speechlm"]))
             break
     speechlm, tokenizer = build_speechlm(cfg, log)
@@ -619,23 +464,12 @@ def load_speechlm_checkpoint(path, cfg, log=print):
     return speechlm, tokenizer, cfg
 
 
-def load_codec_for(cfg, log=print):
-    """The codec that made the corpus's codes, to turn SpeechLM output into audio: the real weights, or the
-    untrained codec with the corpus's k-means codebooks. Checked against the corpus's codec.json."""
-    codes_dir = codes_dir_for(Path(cfg.data.corpus) / "train.jsonl", cfg.speechlm.bandwidth)
-    codec = load_codec(cfg.speechlm.codec, cfg.speechlm.bandwidth, log)
-    if not codec.pretrained:
-        if not (codes_dir / "codebooks.safetensors").exists():
-            raise ConfigError(f"{codes_dir}/codebooks.safetensors: missing; the untrained codec's codebooks "
-                              f"are made with the corpus's codes (python train.py --stage=speechlm)")
-        codec.load_codebooks(codes_dir / "codebooks.safetensors")
-    if (codes_dir / "codec.json").exists():
-        made = json.loads((codes_dir / "codec.json").read_text())
-        if made["fingerprint"] != codec.fingerprint():
-            raise ConfigError(f"{codes_dir}: the SpeechLM learned codes of {made['codec']} "
-                              f"({made['fingerprint']}), not of this {codec.name}; set --speechlm.codec to the "
-                              f"weights that made them")
-    return codec
+def frozen_in_precision(speechlm, dtype, int8):
+    """A SpeechLM that no longer trains (stage 2, inference) in the run's --system.precision, as the frozen
+    Whisper and LLM are: weights cast to `dtype` (bf16/fp16 halve memory and use the GPU's fast matmuls),
+    or with int8 every Linear stored as weight-only int8 (lora.quantize_int8_; embeddings stay float)."""
+    speechlm = speechlm.to(dtype).requires_grad_(False).eval()
+    return quantize_int8_(speechlm) if int8 else speechlm
 
 
 def speak(speechlm, tokenizer, codec, text, description=None, max_seconds=10.0, temperature=0.8, top_k=50):
@@ -673,8 +507,8 @@ def voice_retrieval(voice_encoder, examples, candidates=16, seed=0):
     generator, hits = torch.Generator().manual_seed(seed), 0
     for start in range(0, len(examples), 32):
         chunk = examples[start: start + 32]
-        codes, lengths = pad_stack([e["codes"] for e in chunk])
-        audio = voice_encoder.embed_audio(codes.to(device), lengths.to(device))     # (b, D)
+        inputs, lengths = pad_stack([e[voice_encoder.audio_input] for e in chunk])  # codes or log-mel
+        audio = voice_encoder.embed_audio(inputs.to(device), lengths.to(device))    # (b, D)
         for e, a in zip(chunk, audio):
             own = names.index(e["description"])
             others = [i for i in torch.randperm(len(names), generator=generator).tolist() if i != own]
@@ -684,37 +518,51 @@ def voice_retrieval(voice_encoder, examples, candidates=16, seed=0):
 
 
 def build_speechlm_stage(cfg, device, log=print):
-    """Stage 1: train the VoiceEncoder and the SpeechLM on the corpus's transcribe rows."""
+    """Stage 1: train the VoiceEncoder and the SpeechLM on the corpus's transcribe rows (with
+    --speechlm.voice_only=True, the VoiceEncoder alone). --system.precision bf16/fp16: autocast, see
+    SpeechLMTraining; int8 quantizes frozen weights only, and stage 1 has none, so it runs fp32."""
     speechlm, tokenizer = build_speechlm(cfg, log)
     corpus = Path(cfg.data.corpus)
     train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log)
     test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log)
-    model = SpeechLMTraining(speechlm, cfg.speechlm.voice_weight)
+    dtype, int8 = choose_precision(cfg.system.precision, device, log=lambda *a: None)   # train.py said which
+    if int8:
+        log("precision: stage 1 trains every weight and int8 is for frozen ones: running fp32")
+    if dtype == torch.float16:
+        log("precision: fp16 autocast, no loss scaling: very small gradients may round to 0; bf16 is safer")
+    model = SpeechLMTraining(speechlm, cfg.speechlm.voice_weight, cfg.speechlm.voice_only,
+                             autocast=dtype if dtype != torch.float32 else None)
     B, Bv, seed = cfg.train.batch_size, cfg.speechlm.voice_batch_size, cfg.system.seed
+    audio = cfg.speechlm.voice_audio                                             # "codes" or "mel" 
 
     def batch(i):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)              # a pure function of i
         chosen = torch.randint(len(train_examples), (B,), generator=generator).tolist()
         uncond = torch.rand(B, generator=generator) < cfg.speechlm.uncond_prob
         voice = torch.randint(len(train_examples), (Bv,), generator=generator).tolist()
-        voice_part = voice_batch([train_examples[j] for j in voice])
-        return {**speech_batch([train_examples[j] for j in chosen], uncond),
-                **{f"voice_{k}": v for k, v in voice_part.items()}}                # one flat dict of tensors
+        voice_part = voice_batch([train_examples[j] for j in voice], audio)
+        voice_part = {f"voice_{k}": v for k, v in voice_part.items()}                # one flat dict of tensors
+        if cfg.speechlm.voice_only:                                   # the same voice clips a full run draws
+            return voice_part
+        return {**speech_batch([train_examples[j] for j in chosen], uncond), **voice_part}
 
-    test_batch = speech_batch(test_examples[: cfg.train.eval_samples])
-    unigram = unigram_loss(train_examples[:500], test_batch)
+    if not cfg.speechlm.voice_only:
+        unigram = unigram_loss(train_examples[:500], speech_batch(test_examples[: cfg.train.eval_samples]))
 
     def evaluate(net=None):
         net = model if net is None else net
         lm, was_training = net.speechlm, net.training
         net.eval()
         with torch.no_grad():
+            metrics = {"voice_top1": voice_retrieval(lm.voice, test_examples[: 4 * cfg.train.eval_samples])}
+            if cfg.speechlm.voice_only:                                    # no SpeechLM trained: that is all
+                net.train(was_training)
+                return metrics
             parts = [speech_batch(test_examples[s: s + B]) for s in range(0, cfg.train.eval_samples, B)]
             losses = [(lm(**{k: v.to(device) for k, v in p.items()}).item(),     # (mean loss, n targets)
                        int((p["audio_targets"] != -100).sum())) for p in parts]
             metrics = {"code_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses),
-                       "unigram_loss": unigram,
-                       "voice_top1": voice_retrieval(lm.voice, test_examples[: 4 * cfg.train.eval_samples])}
+                       "unigram_loss": unigram, **metrics}
             ratios = []
             for e in test_examples[: cfg.speechlm.eval_generate]:                     # does it speak and stop?
                 codes = lm.generate(e["text_ids"], e["desc_ids"], cfg.speechlm.max_seconds, temperature=0.8,
@@ -725,4 +573,5 @@ def build_speechlm_stage(cfg, device, log=print):
         net.train(was_training)
         return metrics
 
-    return Stage(model, batch, evaluate, tokens=lambda b: int(b["audio_lengths"].sum()))
+    length_key = "voice_audio_lengths" if cfg.speechlm.voice_only else "audio_lengths"   # for tokens/s
+    return Stage(model, batch, evaluate, tokens=lambda b: int(b[length_key].sum()))

@@ -8,6 +8,7 @@ Lesson: a Perceiver adapter turns audio of any length into exactly N LLM vectors
     student's distribution equals the teacher's;
   - a missing stage-1 checkpoint is one clear error line;
   - the tiny preset's stage 2 trains: with SpeechLM and LLM frozen, only the adapter learns, and its loss falls.
+  - --system.precision reaches the frozen parts (bf16 weights, or int8 Linear layers); the adapter stays fp32.
 
 Run:  python -m pytest tests/test_adapter.py
 """
@@ -94,3 +95,33 @@ def test_tiny_stage2_trains_only_the_adapter_and_loss_falls(tmp_path):
     assert after < before - 0.05, (before, after)
     metrics = stage.evaluate()
     assert {"test_loss", "wer", "generated_said"} <= set(metrics)
+
+
+def test_stage2_precision_applies_to_the_frozen_parts(tmp_path):
+    """bf16: the frozen SpeechLM and LLM hold bf16 weights; int8: their Linear layers hold int8 weights
+    (one fp32 scale per row). The adapter trains in fp32 either way, and the loss on one batch stays
+    close to the fp32 loss of the same weights (bf16 and int8 round, so not exactly)."""
+    corpus = make_coded_corpus(tmp_path / "corpus")
+    tiny = config.get_config("tiny", ["--speechlm.max_seconds=0.5"])
+    lm, _ = speechlm.build_speechlm(tiny, log=lambda *a: None)                   # stand-in for a stage-1 run
+    (tmp_path / "s1" / "ckpt").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in speechlm.SpeechLMTraining(lm, 1.0).state_dict().items()},
+              str(tmp_path / "s1/ckpt/model.safetensors"))
+    losses = {}
+    for precision in ("fp32", "bf16", "int8"):
+        cfg = config.get_config("tiny", [f"--data.corpus={corpus}", "--speechlm.max_seconds=0.5",
+                                         f"--adapter.speechlm_checkpoint={tmp_path}/s1",
+                                         f"--system.precision={precision}"])
+        torch.manual_seed(0)                                                     # the same fresh adapter
+        stage = adapter.build_align_stage(cfg, torch.device("cpu"), log=lambda *a: None)
+        net = stage.model
+        q_proj, llm_q_proj = net.speechlm.blocks[0].attn.q_proj, net.llm.layers[0].attn.q_proj
+        frozen_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[precision]
+        assert q_proj.weight.dtype == llm_q_proj.weight.dtype == frozen_dtype
+        assert all(p.dtype == torch.float32 for p in net.adapter.parameters())
+        loss = net(**stage.batch(0))
+        loss.backward()
+        losses[precision] = loss.item()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.adapter.parameters())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2) and losses["bf16"] != losses["fp32"]
+    assert losses["int8"] == pytest.approx(losses["fp32"], rel=2e-2) and losses["int8"] != losses["fp32"]

@@ -6,8 +6,10 @@ The lesson: a WAV file is a 12-byte RIFF header, a 'fmt ' chunk that says how to
 sample, and check that load_audio returns exactly stored value / full scale (e.g. 16-bit 16384 -> 0.5);
 Python's own `wave` module is the reference reader for integer PCM. Every way a file can be broken must end
 in an AudioError that names the file, and a property test (hypothesis) throws random and mutated bytes at
-the loader to make sure nothing else ever escapes. Last, the corpus: its grammar's answers are checked
+the loader to make sure nothing else ever escapes. Then the corpus: its grammar's answers are checked
 against an independent word-to-number parser, and a tiny corpus is made twice to prove it is deterministic.
+Last, the IRA inputs: an untrained EnCodec still tokenizes (k-means codebooks: different sounds, different
+codes) and refuses to mix codes of other weights; the cached log-mel equals Whisper's front end.
 
 Run:  python -m pytest tests/test_data.py -q      (CPU, a few seconds; the corpus tests need espeak-ng)
 """
@@ -564,3 +566,53 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
             data.main(argv)
         err = capsys.readouterr().err
         assert caught.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. IRA inputs made once per manifest: EnCodec codes (codec.json says whose) and log-mel frames
+
+def test_kmeans_finds_two_obvious_clusters():
+    generator = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(50, 2, generator=generator) * 0.1 + torch.tensor([5.0, 0.0]),
+                        torch.randn(50, 2, generator=generator) * 0.1 + torch.tensor([-5.0, 0.0])])
+    centres = data.kmeans(points, 2, iters=5, generator=generator)
+    by_x = centres[centres[:, 0].argsort()]
+    # the exact answer: each centre is the mean of its own 50 points
+    assert torch.allclose(by_x, torch.stack([points[50:].mean(0), points[:50].mean(0)]), atol=1e-6)
+
+
+def test_untrained_codec_tokenizes_and_refuses_to_mix(tmp_path):
+    t = torch.arange(int(0.3 * 16000)) / 16000
+    for i, f in enumerate((220.0, 880.0)):                                       # two tones, 0.3 s each
+        data.save_wav(tmp_path / f"{i}.wav", 0.5 * torch.sin(2 * math.pi * f * t) * (t < 0.15 + 0.1 * i), 16000)
+    rows = [json.dumps({"audio": f"{i}.wav", "text": "x"}) + "\n" for i in (0, 1)]
+    (tmp_path / "m.jsonl").write_text("".join(rows))
+    codes_dir = data.encode_manifest_codes(tmp_path / "m.jsonl", 1.5, "", log=lambda *a: None)
+    codes, info = data.read_codes(tmp_path / "m.jsonl", [str(tmp_path / f"{i}.wav") for i in (0, 1)], 1.5)
+    assert codes[0].shape == (2, 23)                                       # 0.3 s * 75 frames/s, rounded up
+    assert len(torch.cat(codes, 1)[0].unique()) > 3, "k-means codebooks: different sounds, different codes"
+    assert info["codec"] == "encodec_24khz-untrained" and not list(codes_dir.rglob("*.tmp"))
+    # pretend the folder was made by other weights, then ask for one more clip: refused, with the fix
+    (codes_dir / "codec.json").write_text(json.dumps({**info, "fingerprint": "0123456789abcdef"}))
+    data.save_wav(tmp_path / "2.wav", 0.1 * torch.randn(4000), 16000)
+    with open(tmp_path / "m.jsonl", "a") as f:
+        f.write(json.dumps({"audio": "2.wav", "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match="delete"):
+        data.encode_manifest_codes(tmp_path / "m.jsonl", 1.5, "", log=lambda *a: None)
+
+
+def test_log_mel_cache_is_the_front_end_made_once(tmp_path):
+    for i, seconds in enumerate((0.5, 0.25)):
+        data.save_wav(tmp_path / "wav" / f"{i}.wav", 0.3 * torch.randn(int(seconds * 16000)), 16000)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"audio": f"wav/{i}.wav", "text": "x"}) + "\n"
+                                              for i in (0, 1)))
+    said = []
+    mel_dir = data.encode_manifest_mels(tmp_path / "m.jsonl", log=said.append)
+    paths = [str(tmp_path / "wav" / f"{i}.wav") for i in (0, 1)]
+    for path, mel, frames in zip(paths, data.read_mels(tmp_path / "m.jsonl", paths), (50, 25)):
+        reference = data.log_mel_spectrogram(data.load_audio(path), 80)          # Whisper's front end, (80, T)
+        assert mel.shape == reference.shape == (80, frames)                      # 100 frames per second
+        assert (mel - reference).abs().max() < 2e-3                              # float16: 11-bit mantissa
+    stamp = (mel_dir / "wav" / "0.npy").stat().st_mtime_ns
+    data.encode_manifest_mels(tmp_path / "m.jsonl", log=said.append)             # second call: nothing to do
+    assert len(said) == 1 and (mel_dir / "wav" / "0.npy").stat().st_mtime_ns == stamp

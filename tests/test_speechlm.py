@@ -6,8 +6,9 @@ Lesson: how a SpeechLM over EnCodec tokens is wired, checked piece by piece (spe
   - the VoiceEncoder's symmetric InfoNCE equals a value computed by hand on a 2 x 2 example;
   - the loss is cross-entropy on audio positions only (what a text position "should" predict is irrelevant);
   - KV-cache generation picks exactly what a full forward pass would pick greedily;
-  - the untrained codec still tokenizes (not every frame gets the same code) and refuses to mix weights;
-  - the tiny preset's stage 1 trains: its loss falls within a few steps.
+  - the tiny preset's stage 1 trains: its loss falls within a few steps; with --system.precision=bf16 its
+    matmuls run in bf16 under autocast while the weights stay fp32;
+  - --speechlm.voice_only trains the VoiceEncoder alone, on codes or on log-mel (--speechlm.voice_audio).
 
 Run:  python -m pytest tests/test_speechlm.py
 """
@@ -153,28 +154,7 @@ def test_kv_cache_generation_equals_full_forward_greedy():
 
 
 # -----------------------------------------------------------------------------
-# the codec and stage 1
-
-def test_untrained_codec_tokenizes_and_refuses_to_mix(tmp_path):
-    import data
-    t = torch.arange(int(0.3 * 16000)) / 16000
-    for i, f in enumerate((220.0, 880.0)):                                       # two tones, 0.3 s each
-        data.save_wav(tmp_path / f"{i}.wav", 0.5 * torch.sin(2 * math.pi * f * t) * (t < 0.15 + 0.1 * i), 16000)
-    rows = [json.dumps({"audio": f"{i}.wav", "text": "x"}) + "\n" for i in (0, 1)]
-    (tmp_path / "m.jsonl").write_text("".join(rows))
-    codes_dir = speechlm.encode_manifest_codes(tmp_path / "m.jsonl", 1.5, "", log=lambda *a: None)
-    codes, info = speechlm.read_codes(tmp_path / "m.jsonl", [str(tmp_path / f"{i}.wav") for i in (0, 1)], 1.5)
-    assert codes[0].shape == (2, 23)                                       # 0.3 s * 75 frames/s, rounded up
-    assert len(torch.cat(codes, 1)[0].unique()) > 3, "k-means codebooks: different sounds, different codes"
-    assert info["codec"] == "encodec_24khz-untrained"
-    # pretend the folder was made by other weights, then ask for one more clip: refused, with the fix
-    (codes_dir / "codec.json").write_text(json.dumps({**info, "fingerprint": "0123456789abcdef"}))
-    data.save_wav(tmp_path / "2.wav", 0.1 * torch.randn(4000), 16000)
-    with open(tmp_path / "m.jsonl", "a") as f:
-        f.write(json.dumps({"audio": "2.wav", "text": "x"}) + "\n")
-    with pytest.raises(ValueError, match="delete"):
-        speechlm.encode_manifest_codes(tmp_path / "m.jsonl", 1.5, "", log=lambda *a: None)
-
+# stage 1
 
 def test_tiny_stage1_loss_falls(tmp_path):
     corpus = make_coded_corpus(tmp_path)
@@ -195,3 +175,49 @@ def test_tiny_stage1_loss_falls(tmp_path):
     assert torch.equal(stage.batch(3)["audio_in"], stage.batch(3)["audio_in"])   # pure in i
     metrics = stage.evaluate()
     assert metrics["code_loss"] < metrics["unigram_loss"] + 2 and 0 <= metrics["voice_top1"] <= 1
+
+
+def test_stage1_precision_bf16_autocasts_and_int8_stays_fp32(tmp_path):
+    """bf16: the same weights give nearly the same loss, computed through bf16 matmuls (so not exactly the
+    fp32 loss), while weights and gradients stay fp32 master copies; int8 has no frozen weights to
+    quantize in stage 1, so it is exactly the fp32 run."""
+    corpus = make_coded_corpus(tmp_path)
+    losses = {}
+    for precision in ("fp32", "bf16", "int8"):
+        cfg = config.get_config("tiny", [f"--data.corpus={corpus}", "--speechlm.max_seconds=0.5",
+                                         f"--system.precision={precision}"])
+        torch.manual_seed(0)                                                     # the same initial weights
+        stage = speechlm.build_speechlm_stage(cfg, torch.device("cpu"), log=lambda *a: None)
+        loss = stage.model(**stage.batch(0))
+        loss.backward()
+        losses[precision] = loss.item()
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+                   for p in stage.model.parameters() if p.grad is not None)
+    assert losses["int8"] == losses["fp32"]
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+
+
+def test_voice_only_trains_the_voice_encoder_alone_on_mel_or_codes(tmp_path):
+    """--speechlm.voice_only: the batch is the VoiceEncoder's alone and only voice.* parameters train;
+    --speechlm.voice_audio=mel: its audio tower hears the log-mel stored beside the manifest instead."""
+    corpus = make_coded_corpus(tmp_path)
+    for audio in ("codes", "mel"):
+        if audio == "mel":                           # a log-mel cache, as if encode_manifest_mels had run
+            for npy in (corpus / "codes-1.5kbps" / "wav").glob("*.npy"):
+                frames = 4 * np.load(npy).shape[1] // 3                          # 100 mel frames per 75 codes
+                mel = torch.randn(80, frames, generator=torch.Generator().manual_seed(1))
+                (corpus / "mel-80" / "wav").mkdir(parents=True, exist_ok=True)
+                np.save(corpus / "mel-80" / "wav" / npy.name, mel.numpy().astype(np.float16))
+        cfg = config.get_config("tiny", [f"--data.corpus={corpus}", "--speechlm.max_seconds=0.5",
+                                         "--speechlm.voice_only=True", f"--speechlm.voice_audio={audio}"])
+        stage = speechlm.build_speechlm_stage(cfg, torch.device("cpu"), log=lambda *a: None)
+        trainable = {n for n, p in stage.model.named_parameters() if p.requires_grad}
+        assert trainable and all(n.startswith("speechlm.voice.") for n in trainable)
+        batch = stage.batch(0)
+        assert set(batch) == {"voice_audio", "voice_audio_lengths", "voice_desc_ids", "voice_desc_lengths",
+                              "voice_same"}
+        assert batch["voice_audio"].shape[1] == (2 if audio == "codes" else 80)   # K codebooks or 80 mel bins
+        voice = stage.model.speechlm.voice
+        expected = voice.loss(**{k.removeprefix("voice_"): v for k, v in batch.items()})
+        assert stage.model(**batch).item() == pytest.approx(expected.item(), abs=1e-6)   # InfoNCE alone
+        assert set(stage.evaluate()) == {"voice_top1"}
