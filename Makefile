@@ -49,7 +49,9 @@ train: weights corpus
 	$(PY) train.py --stage=asr $(ARGS)
 
 instruct: weights corpus
-	$(PY) train.py --stage=instruct --train.init_from=out/asr --train.max_steps=150 --train.lr=1e-3 $(ARGS)
+	$(PY) train.py --stage=instruct --train.init_from=out/asr --train.max_steps=400 --train.lr=1e-3 \
+	  "--lora.targets=('q_proj','k_proj','v_proj','o_proj','gate_proj','up_proj','down_proj')" \
+	  "--data.mix=(('transcribe',0.2),('continue',0.1),('instruct',0.7))" --train.eval_samples=100 $(ARGS)
 
 clean:
 	rm -rf out corpus/cache
