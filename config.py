@@ -23,7 +23,9 @@ then change a few fields", no environment-variable magic.
 """
 import ast
 import difflib
+import sys
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 
@@ -138,6 +140,41 @@ class AdapterConfig:
 
 
 @dataclass
+class RLConfig:
+    # IRA stage 3: PPO in which the LLM judges the SpeechLM's speech (rl.py). The policy starts from the
+    # stage-1 SpeechLM that stage 2 was trained on (adapter.speechlm_checkpoint); the judge: adapter + LLM.
+    align_checkpoint: str = "out/align"   # stage-2 output folder (train.py --stage=align): the judge
+    iterations: int = 20          # rounds of rollout -> score -> PPO update (base: ~1 min of CPU each)
+    prompts_per_iteration: int = 4    # distinct prompts (text + voice description) per rollout batch
+    samples_per_prompt: int = 4   # rollouts per prompt; each one's baseline is the others' mean score
+    max_seconds: float = 4.0      # longest speech a rollout may say (END is forced there)
+    temperature: float = 1.0      # the policy is softmax(logits / temperature), in rollouts and in ratios
+    epochs: int = 2               # PPO passes over each iteration's rollouts
+    minibatch_size: int = 8       # rollouts per gradient step
+    lr: float = 1e-4              # Adam learning rate, constant (SpeechLM blocks, code embeddings, heads)
+    grad_clip: float = 1.0        # clip the global gradient norm of each step to this; 0 = off
+    gamma: float = 1.0            # discount per column; 1: the judge's score counts fully at the first column
+    gae_lambda: float = 1.0       # GAE: 0 = one-step TD (low variance, biased) .. 1 = Monte Carlo returns;
+                                  # 1 here: a score given at the END reaches a column 250 steps earlier
+                                  # as lambda^250 of it (0.95^250 = 3e-6: only the last ~0.3 s would learn)
+    clip: float = 0.2             # PPO ratio clip: a step's probability may move to (1 +- clip) x rollout's
+    value_clip: float = 0.2       # values may move this far from the rollout's per update; 0 = no clipping
+    value_coef: float = 0.5       # weight of the value loss (actor and critic share the trunk)
+    entropy_coef: float = 0.0     # weight of the entropy bonus (entropy in nats per column)
+    kl_coef: float = 3.0          # initial beta: an utterance's reward -= beta x its mean (log pi - log pi_ref)
+                                  # per column; the score is in units of its batch std
+    adaptive_kl: bool = True      # move beta toward kl_target after each iteration (Ziegler et al. 2019)
+    kl_target: float = 0.1        # nats per column: the KL to the reference the controller aims at, and
+                                  # the bound the held-out KL is reported against
+    kl_horizon: int = 64          # rollouts: the controller's time constant (beta moves <= 20% per horizon)
+    target_approx_kl: float = 0.05    # stop an iteration's epochs once approx-KL(old || new) exceeds this
+    voice_weight: float = 0.0     # reward += this x cosine(VoiceEncoder(speech), VoiceEncoder(description))
+    eval_prompts: int = 32        # held-out (test.jsonl) prompts judged before RL, every eval_every, after
+    eval_every: int = 0           # iterations between held-out evaluations; 0 = only before and after
+    save_every: int = 4           # iterations between checkpoints (and always after the last)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -147,6 +184,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     speechlm: SpeechLMConfig = field(default_factory=SpeechLMConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def to_dict(self):
         return asdict(self)
@@ -167,6 +205,8 @@ PRESETS = {
         speechlm=dict(d_model=64, n_layers=2, n_heads=4, ffn_dim=128, voice_dim=32, voice_layers=1,
                       voice_batch_size=8, max_seconds=4.0, eval_generate=1),
         adapter=dict(n_latents=8, n_layers=1, d_model=64, n_heads=4, speechlm_layer=1, eval_generate=1),
+        rl=dict(iterations=2, prompts_per_iteration=2, samples_per_prompt=2, max_seconds=0.2, minibatch_size=2,
+                lr=1e-3, eval_prompts=2),
     ),
     # Real whisper-base + SmolLM2-135M-Instruct: the default, trains on a laptop CPU.
     "base": dict(),
@@ -244,6 +284,29 @@ def get_config(preset="base", overrides=()):
     preset_args = [f"--{section}.{key}={value!r}"
                    for section, values in PRESETS[preset].items() for key, value in values.items()]
     return apply_overrides(Config(), preset_args + list(overrides))
+
+
+def from_command_line(argv, usage, stage=None):
+    """A script's arguments -> (Config, resume): `--preset=NAME`, `--stage=NAME` (short for --train.stage),
+    `--resume`, `-h` (prints `usage`) and `--section.key=value` overrides. `stage` is the script's own stage,
+    if it has one. Output goes to <out_dir>/<stage> (out/asr, out/rl, ...) unless --train.out_dir is given."""
+    preset, resume, overrides = "base", False, [] if stage is None else [f"--train.stage={stage}"]
+    for arg in argv:
+        if arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        elif arg.startswith("--stage="):
+            overrides.append("--train.stage=" + arg.split("=", 1)[1])
+        elif arg == "--resume":
+            resume = True
+        elif arg in ("-h", "--help"):
+            print(usage)
+            sys.exit(0)
+        else:
+            overrides.append(arg)
+    cfg = get_config(preset, overrides)
+    if not any(a.startswith("--train.out_dir=") for a in overrides):
+        cfg.train.out_dir = str(Path(cfg.train.out_dir) / cfg.train.stage)
+    return cfg, resume
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Train a stage, as one readable script.
     python train.py --preset=tiny --stage=asr                     # seconds on a CPU, random weights
     python train.py --stage=asr --resume                          # continue out/<stage> exactly where it stopped
     python train.py --stage=speechlm | align                      # IRA stages 1 and 2 (speechlm.py, adapter.py)
+    python train.py --stage=rl                                    # IRA stage 3: PPO, its own loop (rl.py)
     torchrun --nproc_per_node=2 train.py --stage=asr              # data-parallel on 2 GPUs
 
 Every stage is the same loop; a stage only decides what the model is, what a micro-batch is, and how
@@ -39,6 +40,7 @@ from tqdm import tqdm
 import config
 import data
 import model
+import rl
 import weights
 from checkpoint import CheckpointCorrupt, load_checkpoint, optimizer_from_tensors, save_checkpoint
 
@@ -111,8 +113,7 @@ def build_stage(cfg, device, dtype, int8, log):
     if cfg.train.stage == "align":
         from adapter import build_align_stage
         return build_align_stage(cfg, device, log)
-    raise config.ConfigError(f"--train.stage={cfg.train.stage}: choose asr, instruct, speechlm or align "
-                             f"(stage 3, PPO in rl.py, is not written yet)")
+    raise config.ConfigError(f"--train.stage={cfg.train.stage}: choose asr, instruct, speechlm, align or rl")
 
 
 # -----------------------------------------------------------------------------
@@ -411,29 +412,16 @@ USER_ERRORS = (config.ConfigError, weights.CheckpointError, CheckpointCorrupt, d
 
 
 def parse_args(argv):
-    preset, resume, overrides = "base", False, []
-    for arg in argv:
-        if arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
-        elif arg.startswith("--stage="):
-            overrides.append("--train.stage=" + arg.split("=", 1)[1])
-        elif arg == "--resume":
-            resume = True
-        elif arg in ("-h", "--help"):
-            print(__doc__)
-            sys.exit(0)
-        else:
-            overrides.append(arg)
-    cfg = config.get_config(preset, overrides)
-    if not any(a.startswith("--train.out_dir=") for a in overrides):      # out/<stage> unless told otherwise
-        cfg.train.out_dir = str(Path(cfg.train.out_dir) / cfg.train.stage)
-    return cfg, resume
+    return config.from_command_line(argv, __doc__)
 
 
 def main(argv=None):
     try:
         cfg, resume = parse_args(sys.argv[1:] if argv is None else argv)
-        train(cfg, resume)
+        if cfg.train.stage == "rl":      # IRA stage 3 is PPO, not this loop: rollouts, a judge, clipped updates
+            rl.run(cfg, resume)
+        else:
+            train(cfg, resume)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

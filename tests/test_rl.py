@@ -1,0 +1,224 @@
+"""
+Lesson: PPO piece by piece, then the whole loop, on a SpeechLM that a judge rewards (rl.py).
+
+  - GAE's reversed loop equals the textbook sum A_t = sum_l (gamma lam)^l delta_{t+l}, written out by hand, on
+    random rewards and values of rollouts of different lengths (nothing leaks in from after a rollout's end);
+  - the rewards: each prompt's other samples are its baseline, the KL penalty is paid at every column and the
+    judge's score at the last one, all by hand;
+  - clipping: once the ratio has moved past 1 +- eps in the direction the advantage favours, the gradient is
+    exactly 0, and the loss equals the hand computation; the value loss clips the same way;
+  - batched sampling with a KV cache picks exactly what SpeechLM.generate picks, and its log-probs equal the
+    teacher-forced pass that PPO trains with;
+  - a toy task, reward = the fraction of one chosen code: the loop raises it several-fold in seconds, the
+    probability ratio is exactly 1 on the first minibatch of every iteration, and the KL to the reference
+    stays bounded (a larger KL coefficient holds the policy closer);
+  - stage 3 from tiny stage-1/2 checkpoints: it runs, resumes exactly, and a missing or mismatched checkpoint
+    is one clear error line.
+
+Run:  python -m pytest tests/test_rl.py
+"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import adapter
+import config
+import rl
+import speechlm
+import train
+from checkpoint import save_checkpoint
+from speechlm import END, SpeechLM, audio_columns
+from test_speechlm import make_coded_corpus
+
+CHOSEN = 3          # the toy task's code
+
+
+# -----------------------------------------------------------------------------
+# advantages and rewards by hand
+
+def test_gae_equals_the_textbook_sum():
+    g = torch.Generator().manual_seed(0)
+    lengths, S, gamma, lam = [9, 5, 1, 7], 9, 0.97, 0.9
+    mask = (torch.arange(S) < torch.tensor(lengths)[:, None]).float()              # (4, 9)
+    rewards, values = torch.randn(4, S, generator=g), torch.randn(4, S, generator=g)   # junk after each end
+    advantages, returns = rl.gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        r, v = rewards[b, :n].tolist(), values[b, :n].tolist() + [0.0]             # no value after the end
+        delta = [r[t] + gamma * v[t + 1] - v[t] for t in range(n)]
+        for t in range(n):
+            expected = sum((gamma * lam) ** l * delta[t + l] for l in range(n - t))
+            assert advantages[b, t].item() == pytest.approx(expected, abs=1e-5)
+            assert returns[b, t].item() == pytest.approx(expected + v[t], abs=1e-5)
+        assert (advantages[b, n:] == 0).all()
+    white = rl.whiten(advantages, mask)[mask.bool()]
+    assert white.mean().item() == pytest.approx(0, abs=1e-6)
+    assert (white.pow(2).mean().sqrt().item()) == pytest.approx(1, abs=1e-4)
+
+
+def test_rewards_baseline_kl_penalty_and_score_by_hand():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])               # 2 prompts x 4 samples
+    centred = rl.centre_scores(scores, samples_per_prompt=4)
+    loo = torch.tensor([1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3, 0, 0, 0, 0])   # minus the others' mean
+    assert torch.allclose(centred, loo / loo.std(), atol=1e-6)
+    log_prob = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    reference = torch.tensor([[-1.5, -2.0, -1.0], [-0.5, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])                        # row 1 has 2 columns
+    rewards = rl.per_step_rewards(torch.tensor([10.0, 20.0]), log_prob, reference, mask, kl_coef=0.1)
+    expected = torch.tensor([[-0.05 / 3, 0.0, 0.2 / 3 + 10.0], [0.05 / 2, 0.0 + 20.0, 0.0]])   # / T columns
+    assert torch.allclose(rewards, expected, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# the clipped losses
+
+def test_clipping_is_active_exactly_when_it_should_be():
+    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1, 0.9]])                         # eps = 0.2
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0, -1.0]])
+    log_prob = ratio.log().requires_grad_()
+    loss, _, clip_fraction, approx_kl = rl.clipped_policy_loss(log_prob, torch.zeros_like(ratio), advantages,
+                                                               torch.ones_like(ratio), 0.2)
+    loss.backward()
+    # max(-A r, -A clip(r)): (1.5, A>0) -> -1.2 clipped; (1.5, A<0) -> 1.5; (0.5, A>0) -> -0.5;
+    # (0.5, A<0) -> 0.8 clipped; inside the range nothing is clipped: -1.1 and 0.9
+    assert loss.item() == pytest.approx((-1.2 + 1.5 - 0.5 + 0.8 - 1.1 + 0.9) / 6, abs=1e-6)
+    # d(-A r)/d log r = -A r where unclipped; 0 where the clipped term won
+    expected_grad = torch.tensor([[0.0, 1.5, -0.5, 0.0, -1.1, 0.9]]) / 6
+    assert torch.allclose(log_prob.grad, expected_grad, atol=1e-6)
+    assert clip_fraction.item() == pytest.approx(4 / 6)
+    assert approx_kl.item() == pytest.approx(((ratio - 1) - ratio.log()).mean().item(), abs=1e-6)
+    # the value loss: V moved 0.5 away from V_old = 0 with eps 0.2, the return R = 1
+    values = torch.tensor([[0.5, -0.5]], requires_grad=True)
+    returns = torch.tensor([[1.0, 1.0]])
+    rl.clipped_value_loss(values, torch.zeros(1, 2), returns, torch.ones(1, 2), 0.2).backward()
+    # V = 0.5: (0.5 - 1)^2 = 0.25 < (0.2 - 1)^2 = 0.64, the clipped term wins: no gradient
+    # V = -0.5: (-1.5)^2 = 2.25 > (-0.2 - 1)^2 = 1.44, unclipped: gradient 0.5 * 2 * (-1.5) / 2
+    assert torch.allclose(values.grad, torch.tensor([[0.0, -0.75]]), atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# sampling, and the toy task
+
+@pytest.fixture(scope="module")
+def warm_speechlm():
+    """A tiny SpeechLM that learned, in 25 steps, to say 6 to 10 frames of codes 0..15 and then END: a
+    stand-in for stage 1 whose chosen code is neither certain nor (as in a random model) 1 in 1024."""
+    torch.manual_seed(0)
+    cfg = config.get_config("tiny")
+    lm, g = SpeechLM(cfg.speechlm, text_vocab=320, n_codebooks=2), torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(lm.parameters(), lr=1e-2)
+    for _ in range(25):
+        lengths = torch.randint(6, 11, (8,), generator=g)
+        audio_in, targets = audio_columns(torch.randint(16, (8, 2, 10), generator=g), lengths)
+        loss = lm(desc_ids=torch.randint(320, (8, 4), generator=g), desc_lengths=torch.full((8,), 4),
+                  uncond=torch.zeros(8, dtype=torch.bool), text_ids=torch.randint(320, (8, 3), generator=g),
+                  text_lengths=torch.full((8,), 3), audio_in=audio_in, audio_targets=targets,
+                  audio_lengths=lengths + 2)
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+    return lm.eval().requires_grad_(False)
+
+
+def toy_prompts(n=8):
+    g = torch.Generator().manual_seed(1)
+    return [{"text": f"prompt {i}", "text_ids": torch.randint(320, (3 + i % 2,), generator=g),
+             "desc_ids": torch.randint(320, (4,), generator=g)} for i in range(n)]
+
+
+def test_batched_sampling_equals_generate_and_the_teacher_forced_pass(warm_speechlm):
+    lm, prompts = warm_speechlm, toy_prompts()[0::2]                               # 4 prompts, 3 text tokens
+    columns, ended, _ = rl.sample_rollouts(lm, prompts, 15, 0.0, torch.Generator())   # greedy, 15 frames max
+    for p, codes in zip(prompts, rl.columns_to_codes(columns, ended)):
+        assert torch.equal(codes, lm.generate(p["text_ids"], p["desc_ids"], max_seconds=0.2, temperature=0.0))
+    columns, ended, sampled = rl.sample_rollouts(lm, prompts * 4, 15, 1.0, torch.Generator().manual_seed(0))
+    assert (columns[:, 0] == END).sum() == 16 and ended.max() <= 15                 # one END a row
+    assert len(set(ended.tolist())) > 3                                             # of varied lengths
+    batch = rl.rollout_batch(prompts * 4, columns, ended, 15)
+    log_prob = rl.policy_outputs(lm, batch, 1.0)[0]                                 # (16, S), no KV cache
+    assert torch.allclose(log_prob, sampled, atol=1e-4)
+    assert ((log_prob != 0) == batch["mask"].bool()).all()                          # every real step acted
+
+
+def run_toy(lm, tmp_path, *overrides):
+    cfg = config.get_config("tiny", ["--rl.iterations=10", "--rl.max_seconds=0.2", "--rl.lr=3e-3",
+                                     "--rl.epochs=4", "--rl.prompts_per_iteration=2",
+                                     "--rl.samples_per_prompt=4", "--rl.minibatch_size=8", *overrides])
+    policy = rl.Policy(SpeechLM(cfg.speechlm, text_vocab=320, n_codebooks=2))
+    policy.speechlm.load_state_dict(lm.state_dict())
+    policy.speechlm.requires_grad_(True).text_embed.requires_grad_(False)
+
+    def fraction_of_chosen_code(codes, prompts):
+        return {"reward": torch.tensor([(c == CHOSEN).float().mean().item() if c.numel() else 0.0
+                                        for c in codes])}
+    return rl.train_rl(cfg, policy, lm, toy_prompts(), fraction_of_chosen_code, tmp_path, log=lambda *a: None)
+
+
+def test_toy_task_reward_rises_with_bounded_kl(warm_speechlm, tmp_path):
+    rows = run_toy(warm_speechlm, tmp_path / "loose", "--rl.kl_coef=1.0")
+    assert all(r["first_ratio_error"] == 0.0 for r in rows)                         # exactly 1, every time
+    assert any(r["clip_fraction"] > 0 for r in rows)                                # ... and then it moves
+    first, last = [sum(r["reward"] for r in part) / 2 for part in (rows[:2], rows[-2:])]
+    assert last > 3 * first and last > 0.2, (first, last)                           # ~1/16 -> several-fold
+    kl = [r["kl"] for r in rows]                                                    # nats per column
+    assert max(kl) < 2.0, kl                      # saying only the chosen code would cost 2 ln 16 = 5.5
+    tight = run_toy(warm_speechlm, tmp_path / "tight", "--rl.kl_coef=30.0", "--rl.adaptive_kl=False")
+    assert max(r["kl"] for r in tight) < 0.5 and tight[-1]["kl"] < kl[-1] / 2      # a shorter leash
+    assert (tmp_path / "loose" / "rl.svg").read_text().startswith("<svg")
+
+
+# -----------------------------------------------------------------------------
+# stage 3 from checkpoints
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """A coded corpus, a tiny random stage-1 checkpoint and a tiny stage-2 checkpoint made on it."""
+    corpus = make_coded_corpus(tmp_path / "corpus")
+    stage1, stage2 = tmp_path / "s1", tmp_path / "align"
+    cfg = config.get_config("tiny", [f"--data.corpus={corpus}", "--speechlm.max_seconds=0.5",
+                                     f"--adapter.speechlm_checkpoint={stage1}", "--train.stage=align"])
+    lm, _ = speechlm.build_speechlm(cfg, log=lambda *a: None)
+    (stage1 / "ckpt").mkdir(parents=True)
+    state = speechlm.SpeechLMTraining(lm, 1.0).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(stage1 / "ckpt" / "model.safetensors"))
+    (stage1 / "config.json").write_text(json.dumps(cfg.to_dict()))
+    align_model, _, _ = adapter.build_align_model(cfg, torch.device("cpu"), log=lambda *a: None)
+    save_checkpoint(stage2 / "ckpt", {f"adapter.{k}": v for k, v in align_model.adapter.state_dict().items()},
+                    {"step": 0, "stage": "align", "config": cfg.to_dict()})
+    return corpus, stage1, stage2
+
+
+def rl_args(checkpoints, out, *extra):
+    corpus, stage1, stage2 = checkpoints
+    return ["--preset=tiny", f"--data.corpus={corpus}", f"--adapter.speechlm_checkpoint={stage1}",
+            f"--rl.align_checkpoint={stage2}", f"--train.out_dir={out}", "--system.device=cpu", *extra]
+
+
+def test_stage3_runs_from_checkpoints_and_resumes_exactly(checkpoints, tmp_path):
+    quiet = lambda *a: None
+    straight = rl.run(rl.parse_args(rl_args(checkpoints, tmp_path / "a", "--rl.iterations=2"))[0], log=quiet)
+    assert [r["iteration"] for r in straight] == [0, 1, 2, 2]                       # eval, 2 iterations, eval
+    assert {"eval_reward", "eval_judge_text", "eval_kl"} <= set(straight[0]) and straight[0]["eval_kl"] == 0
+    logged = {"reward", "reward_std", "kl", "clip_fraction", "approx_kl", "entropy", "value_loss"}
+    assert logged <= set(straight[1])
+    assert straight[1]["reward"] < 0                                                 # a mean log-probability
+    rl.run(rl.parse_args(rl_args(checkpoints, tmp_path / "b", "--rl.iterations=1"))[0], log=quiet)
+    cfg, resume = rl.parse_args(rl_args(checkpoints, tmp_path / "b", "--rl.iterations=2", "--resume"))
+    resumed = rl.run(cfg, resume, log=quiet)
+    same = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows if "reward" in r]
+    assert same(resumed) == same(straight)                                          # bit for bit
+    assert resumed[-1]["eval_reward"] == straight[-1]["eval_reward"]
+
+
+def test_missing_or_mismatched_checkpoint_is_one_clear_error(checkpoints, tmp_path, capsys):
+    def error_of(*extra):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--stage=rl", *rl_args(checkpoints, tmp_path / "out", *extra)])
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+    assert "--stage=align" in error_of(f"--rl.align_checkpoint={tmp_path / 'nowhere'}")
+    assert "--adapter.speechlm_checkpoint" in error_of(f"--adapter.speechlm_checkpoint={tmp_path / 'other'}")
+    assert "drop --resume" in error_of("--resume")
+    (checkpoints[1] / "ckpt" / "model.safetensors").unlink()                       # stage 1 gone
+    assert "--stage=speechlm" in error_of()
