@@ -664,19 +664,19 @@ def _fill(rule, drawn):
     return Sentence(rule.category, spoken, text, rule.answer(values) if rule.answer else None)
 
 
-def random_sentence(rng):
-    """Draw one sentence: a category by CATEGORY_WEIGHTS, a rule uniformly, then each slot uniformly."""
-    category = rng.choices(list(CATEGORY_WEIGHTS), weights=list(CATEGORY_WEIGHTS.values()))[0]
-    rule = rng.choice([t for t in TEMPLATES if t.category == category])
+def random_sentence(rng, weights=CATEGORY_WEIGHTS, rules=TEMPLATES):
+    """Draw one sentence: a category by `weights`, one of its `rules` uniformly, then each slot uniformly."""
+    category = rng.choices(list(weights), weights=list(weights.values()))[0]
+    rule = rng.choice([t for t in rules if t.category == category])
     while True:  # rejection sampling: redraw the slots until the rule accepts them ("paris to paris")
         sentence = _fill(rule, {name: rng.choice(choices) for name, choices in rule.slots.items()})
         if sentence is not None:
             return sentence
 
 
-def all_sentences():
+def all_sentences(rules=TEMPLATES):
     """Every sentence the grammar can make: 41,230 of them, enumerated in well under a second."""
-    for rule in TEMPLATES:
+    for rule in rules:
         for combination in itertools.product(*rule.slots.values()):
             sentence = _fill(rule, dict(zip(rule.slots, combination)))
             if sentence is not None:
@@ -762,22 +762,37 @@ def _engine_version(engine):
 # 3d. The corpus: plan every random choice first (one seeded generator, one order), then synthesize in
 # parallel. Parallel work cannot change the result because nothing random happens inside the workers.
 def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_fraction=0.15, engines=None,
-                progress=True):
+                progress=True, categories=None, templates=None, exclude=()):
     """Write out_dir/{train,test}/NNNNNN.wav, out_dir/{train,test}.jsonl and out_dir/corpus.json.
 
     n_train, n_test: utterances (audio files) per split. Each utterance gives a transcribe row; a question
     also gives an instruct row (response = the answer); with probability `continue_fraction` an utterance is
     only the first half of its sentence and gives a continue row instead (response = the other half).
     No sentence is in both splits. engines: a subset of ("espeak-ng", "flite"), None = all installed ones.
+    categories: draw only these (e.g. ["question"] for a corpus of spoken questions), None = all.
+    templates: a regular expression; draw only from templates whose pattern it matches ("plus|minus").
+    exclude: sentences never to draw, e.g. another corpus's test split (see `manifest_sentences`).
     The same seed and the same engine versions give byte-identical files.
     Returns {"train": rows, "test": rows} as written (audio paths relative to out_dir; read_manifest gives
     absolute ones).
     """
     if n_train < 0 or n_test < 0:
         raise ValueError(f"n_train and n_test must be >= 0, got {n_train} and {n_test}")
-    if n_train + n_test > GRAMMAR_SIZE:  # every utterance is a different sentence
-        raise ValueError(f"the grammar makes {GRAMMAR_SIZE} distinct sentences; ask for at most that many "
-                         f"utterances, not {n_train + n_test}")
+    rules = [t for t in TEMPLATES if templates is None or re.search(templates, t.pattern)]
+    if categories is not None:
+        unknown = sorted(set(categories) - set(CATEGORY_WEIGHTS))
+        if unknown or not categories:
+            raise ValueError(f"unknown categories {unknown}; choose from {sorted(CATEGORY_WEIGHTS)}")
+        rules = [t for t in rules if t.category in categories]
+    weights = {c: w for c, w in CATEGORY_WEIGHTS.items() if any(t.category == c for t in rules)}
+    if not weights:
+        raise ValueError(f"no template matches {templates!r} in categories {categories}")
+    exclude = set(exclude)
+    available = (GRAMMAR_SIZE if len(rules) == len(TEMPLATES) and not exclude else
+                 sum(s.text not in exclude for s in all_sentences(rules)))
+    if n_train + n_test > available:  # every utterance is a different sentence
+        raise ValueError(f"the grammar makes {available} distinct sentences of these categories; ask for at "
+                         f"most that many utterances, not {n_train + n_test}")
     if shutil.which("espeak-ng") is None:
         raise RuntimeError(f"espeak-ng is not installed; install it with: {INSTALL_HINT}")
     if engines is None:
@@ -789,13 +804,13 @@ def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_f
 
     # 1. plan: sentences, halves for `continue`, voices
     rng = random.Random(seed)
-    seen, plan = set(), []
+    seen, plan = set(exclude), []
     for split, count in (("train", n_train), ("test", n_test)):
         pool = voice_pool(split, engines)
         for index in range(count):
-            sentence = random_sentence(rng)
+            sentence = random_sentence(rng, weights, rules)
             while sentence.text in seen:  # 41k sentences: a repeat is rare and cheap to redraw
-                sentence = random_sentence(rng)
+                sentence = random_sentence(rng, weights, rules)
             seen.add(sentence.text)  # shared by both splits: no test sentence is ever heard in training
             sentence_words = sentence.text.split()
             half = len(sentence_words) // 2
@@ -833,10 +848,18 @@ def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_f
     for split in rows:
         write_manifest(out_dir / f"{split}.jsonl", rows[split])
     meta = {"seed": seed, "n_train": n_train, "n_test": n_test, "continue_fraction": continue_fraction,
+            "categories": sorted(weights), "templates": templates, "excluded_sentences": len(exclude),
             "engines": {engine: _engine_version(engine) for engine in engines},
             "test_voices": sorted(f"{e}:{v}" for e, v in TEST_VOICES if e in engines)}
     (out_dir / "corpus.json").write_text(json.dumps(meta, indent=2) + "\n")
     return rows
+
+
+def manifest_sentences(path):
+    """The whole sentences a corpus manifest speaks (a `continue` row's text + response is one), so that
+    `make_corpus(exclude=...)` can keep a new corpus's sentences out of an existing test split."""
+    return {f"{r['text']} {r['response']}" if r["task"] == "continue" else r["text"]
+            for r in read_manifest(path)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1223,6 +1246,10 @@ def main(argv=None):
     corpus.add_argument("--n-test", type=int, default=300, help="test utterances (unseen voices)")
     corpus.add_argument("--seed", type=int, default=0)
     corpus.add_argument("--workers", type=int, default=2, help="parallel synthesizer processes")
+    corpus.add_argument("--categories", nargs="+", help=f"only these, of {', '.join(CATEGORY_WEIGHTS)}")
+    corpus.add_argument("--templates", metavar="REGEX", help="only templates matching this, e.g. 'plus|minus'")
+    corpus.add_argument("--exclude", nargs="+", default=[], metavar="MANIFEST",
+                        help="never speak a sentence these manifests speak (e.g. corpus/test.jsonl)")
     convert = commands.add_parser("convert", help="write a JSONL manifest for a downloaded corpus")
     convert.add_argument("dataset", choices=["librispeech", "ljspeech", "commonvoice"])
     convert.add_argument("root", help="the corpus folder")
@@ -1231,7 +1258,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command == "corpus":
-            rows = make_corpus(args.out, args.n_train, args.n_test, args.seed, workers=args.workers)
+            exclude = set().union(*(manifest_sentences(m) for m in args.exclude))
+            rows = make_corpus(args.out, args.n_train, args.n_test, args.seed, workers=args.workers,
+                               categories=args.categories, templates=args.templates, exclude=exclude)
             n_rows = len(rows["train"]) + len(rows["test"])
             print(f"wrote {args.n_train} + {args.n_test} utterances ({n_rows} manifest rows) to {args.out}/")
         elif args.dataset == "commonvoice":

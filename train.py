@@ -62,12 +62,14 @@ def evaluate_audio_lm(audio_lm, test_rows, features, cfg, device, log=print):
     n = cfg.train.eval_samples
     tasks = {task for task, weight in cfg.data.mix if weight > 0} if cfg.train.stage == "instruct" else {"transcribe"}
     metrics, rows = {}, [r for r in test_rows if r["task"] in tasks][:n]     # the stage's own tasks only
-    batches = data.AudioLMBatches(rows, audio_lm, cfg.train.batch_size, mix=[(t, 1.0) for t in tasks],
+    present = {r["task"] for r in rows}                  # a small eval_samples may leave a task out
+    batches = data.AudioLMBatches(rows, audio_lm, cfg.train.batch_size, mix=[(t, 1.0) for t in present],
                                   features=features)
     with torch.no_grad():
         losses = [audio_lm(**to_device(batches.collate(rows[k: k + cfg.train.batch_size]), device)).item()
                   for k in range(0, len(rows), cfg.train.batch_size)]
-    metrics["test_loss"] = sum(losses) / max(len(losses), 1)
+    if losses:                                           # none when the test split has no such task
+        metrics["test_loss"] = sum(losses) / len(losses)
     for task, name in (("transcribe", "wer"), ("instruct", "accuracy"), ("continue", "continue_wer")):
         chosen = [r for r in test_rows if r["task"] == task][:n]
         if not chosen or (task != "transcribe" and cfg.train.stage == "asr"):
@@ -94,6 +96,11 @@ def build_audio_lm_stage(cfg, device, dtype, int8, log):
                                  f"`python data.py corpus --out {corpus}` (or set --data.corpus=FOLDER)")
     audio_lm = weights.build_audio_lm(cfg, device, dtype, int8, log)
     train_rows, test_rows = data.read_manifest(corpus / "train.jsonl"), data.read_manifest(corpus / "test.jsonl")
+    for folder in cfg.data.more_train:        # e.g. a corpus of spoken questions (README, stage 2 on a GPU)
+        if not (Path(folder) / "train.jsonl").exists():
+            raise config.ConfigError(f"--data.more_train: {folder}/train.jsonl not found; make it with "
+                                     f"`python data.py corpus --out {folder} ...` (README, stage 2)")
+        train_rows += data.read_manifest(Path(folder) / "train.jsonl")
     mix = cfg.data.mix if cfg.train.stage == "instruct" else (("transcribe", 1.0),)
     features = None
     if cfg.data.cache_encoder:

@@ -553,6 +553,35 @@ def test_corpus_rows(tiny_corpus, every_sentence):
             assert f"{row['text']} {row['response']}" in known
 
 
+@needs_espeak
+def test_a_corpus_of_chosen_templates_keeps_out_another_test_split(tiny_corpus, tmp_path):
+    # the recipe behind `make instruct-gpu`: more spoken sums, none of them a sentence the test split speaks
+    held_out = data.manifest_sentences(tiny_corpus / "test.jsonl")
+    plus = {s.text for s in data.all_sentences() if " plus " in s.text}
+    exclude = held_out | set(sorted(plus)[:2500])           # leave ~100 sums, so the exclusion must bite
+    left = len(plus - exclude)
+    data.make_corpus(tmp_path, n_train=5, n_test=0, seed=3, continue_fraction=0.0, progress=False,
+                     categories=["question"], templates=r"\bplus\b", exclude=exclude)
+    rows = data.read_manifest(tmp_path / "train.jsonl")
+    assert len(rows) == 10 and {r["task"] for r in rows} == {"transcribe", "instruct"}
+    for row in rows:
+        assert row["text"] in plus and row["text"] not in exclude
+        if row["task"] == "instruct":                        # "what is a plus b" -> the words of a + b
+            a, b = row["text"][len("what is "):].split(" plus ")
+            words = {data.number_to_words(n): n for n in range(101)}
+            assert row["response"] == data.number_to_words(words[a] + words[b])
+    with pytest.raises(ValueError, match=f"makes {left} distinct sentences"):
+        data.make_corpus(tmp_path / "x", n_train=left + 1, n_test=0, categories=["question"],
+                         templates=r"\bplus\b", exclude=exclude, progress=False)
+
+
+def test_manifest_sentences_rejoins_halves(tmp_path):
+    rows = [{"audio": "a.wav", "text": "turn on the", "task": "continue", "response": "kitchen lights"},
+            {"audio": "b.wav", "text": "what is two plus two", "task": "instruct", "response": "four"}]
+    data.write_manifest(tmp_path / "m.jsonl", rows)
+    assert data.manifest_sentences(tmp_path / "m.jsonl") == {"turn on the kitchen lights", "what is two plus two"}
+
+
 def test_corpus_needs_espeak(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):

@@ -131,6 +131,22 @@ def test_stage2_starts_from_stage1_and_mismatches_are_clear(tmp_path, corpus):
                                 f"--train.init_from={tmp_path / 'out'}"), log=lambda *a: None)
 
 
+def test_more_train_corpora_join_the_training_rows(tmp_path, corpus):
+    # the main corpus has no `instruct` rows; a second folder brings some (absolute audio paths are allowed)
+    questions = [{**row, "task": "instruct", "prompt": "Answer the spoken question.", "response": "nine"}
+                 for row in data.read_manifest(corpus / "train.jsonl")[:4]]
+    data.write_manifest(tmp_path / "questions" / "train.jsonl", questions)
+    only_instruct = ("--stage=instruct", "--train.max_steps=1", "--data.mix=(('instruct', 1.0),)")
+    with pytest.raises(ValueError, match=r"tasks \['instruct'\]"):
+        train.train(tiny_config(tmp_path, corpus, *only_instruct), log=lambda *a: None)
+    rows = train.train(tiny_config(tmp_path, corpus, *only_instruct,
+                                   f"--data.more_train=('{tmp_path / 'questions'}',)"), log=lambda *a: None)
+    assert rows[-1]["step"] == 1
+    with pytest.raises(config.ConfigError, match="nowhere/train.jsonl not found"):
+        train.train(tiny_config(tmp_path, corpus, *only_instruct, "--data.more_train=('nowhere',)"),
+                    log=lambda *a: None)
+
+
 def test_cli_user_errors_are_one_line(tmp_path, corpus, capsys):
     for argv in (["--preset=tiny", "--train.lrr=1"], ["--preset=tiny", "--data.corpus=/nonexistent"],
                  ["--preset=tiny", "--stage=dance"]):
