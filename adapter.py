@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from config import ConfigError, choose_precision
-from data import word_error_rate
+from data import Stage, word_error_rate
 from lora import quantize_int8_
 from model import AUDIO_MARKER, EncoderBlock, LayerNorm, RMSNorm, WhisperConfig, attention
-from speechlm import Stage, frozen_in_precision, load_examples, load_speechlm_checkpoint, pad_stack, speak
+from speechlm import frozen_in_precision, load_examples, load_speechlm_checkpoint, pad_stack, speak
 from weights import load_llm, resolve_checkpoint
 
 # -----------------------------------------------------------------------------

@@ -63,6 +63,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -864,6 +865,15 @@ def manifest_sentences(path):
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. Batches for the audio LM: frozen-encoder cache, length-sorted batches, padding and label masks
+
+@dataclass
+class Stage:
+    """What train.py needs from a training stage; every stage (asr, instruct, speechlm, align) builds one."""
+    model: torch.nn.Module               # model(**batch) -> scalar loss; only trainable parameters need grad
+    batch: Callable[[int], dict]         # micro-batch number i -> dict of CPU tensors (a pure function of i)
+    evaluate: Callable[[], dict]         # held-out metrics, e.g. {"test_loss": 1.2, "wer": 0.08}
+    tokens: Callable[[dict], int]        # tokens in a batch, for train.py's tokens/s
+
 
 def normalize_text(text):
     """Lower case, punctuation to spaces, one space between words: what WER compares."""

@@ -44,10 +44,8 @@ batch-1 generation.
 import json
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
-from itertools import count
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -55,7 +53,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from config import ConfigError, choose_precision
-from data import (CODEBOOK_SIZE, CODEC_FRAME_RATE, MEL_BINS, MEL_FRAME_RATE, describe_voice,
+from data import (CODEBOOK_SIZE, CODEC_FRAME_RATE, MEL_BINS, MEL_FRAME_RATE, Stage, describe_voice,
                   encode_manifest_codes, encode_manifest_mels, n_codebooks, read_codes, read_manifest, read_mels)
 from lora import quantize_int8_
 from model import (EncoderBlock, KVCache, LayerNorm, LlamaBlock, LlamaConfig, RMSNorm, WhisperConfig, rope_tables,
@@ -316,20 +314,6 @@ def audio_columns(codes, lengths):
 
 # -----------------------------------------------------------------------------
 # 4. Stage 1 for train.py: the examples, micro-batches, the training loss and the held-out metrics
-
-@dataclass
-class Stage:
-    """What train.py needs from a stage (the same fields as train.Stage; adapter.py reuses this one)."""
-    model: nn.Module                        # model(**batch) -> scalar loss; only trainable parts need grad
-    batch: Callable[[int], dict]            # micro-batch number i -> dict of CPU tensors (a pure function of i)
-    evaluate: Callable[..., dict]           # () or (model) -> held-out metrics
-    tokens: Callable[[dict], int]           # tokens in a batch, for train.py's tokens/s
-
-    @property
-    def train_batches(self):
-        """The micro-batches as an endless iterator: batch(0), batch(1), ..."""
-        return (self.batch(i) for i in count())
-
 
 def describe(row):
     """A row's voice description: the corpus's own (`voice_description`), else made from its voice."""

@@ -29,9 +29,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -46,14 +44,6 @@ from checkpoint import CheckpointCorrupt, load_checkpoint, optimizer_from_tensor
 
 # -----------------------------------------------------------------------------
 # 1. A stage: what to train, on what, and how to judge it
-
-
-@dataclass
-class Stage:
-    model: torch.nn.Module               # model(**batch) -> scalar loss; trainable parameters require grad
-    batch: Callable[[int], dict]         # micro-batch number i -> dict of CPU tensors (a pure function of i)
-    evaluate: Callable[[], dict]         # held-out metrics, e.g. {"test_loss": 1.2, "wer": 0.08}
-    tokens: Callable[[dict], int] = lambda batch: int(batch["input_ids"].numel())   # for tokens/s
 
 
 def evaluate_audio_lm(audio_lm, test_rows, features, cfg, device, log=print):
@@ -108,7 +98,8 @@ def build_audio_lm_stage(cfg, device, dtype, int8, log):
         cache = corpus / "cache" / f"{encoder_name}-{'30s' if cfg.model.pad_audio_to_30s else 'native'}.safetensors"
         features = data.encoder_features(audio_lm, train_rows + test_rows, cache)
     batches = data.AudioLMBatches(train_rows, audio_lm, cfg.train.batch_size, cfg.system.seed, mix, features)
-    return Stage(audio_lm, batches, lambda: evaluate_audio_lm(audio_lm, test_rows, features, cfg, device, log))
+    return data.Stage(audio_lm, batches, lambda: evaluate_audio_lm(audio_lm, test_rows, features, cfg, device, log),
+                      tokens=lambda batch: int(batch["input_ids"].numel()))
 
 
 def build_stage(cfg, device, dtype, int8, log):

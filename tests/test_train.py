@@ -190,8 +190,8 @@ class Toy(torch.nn.Module):
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     bad = {2, 3} | set(range(6, 100))                         # two lone bad steps, then a long bad run
-    stage = train.Stage(Toy(), lambda i: {"x": torch.ones(4, 4), "poison": torch.tensor(i in bad)},
-                        lambda: {}, tokens=lambda batch: 16)
+    stage = data.Stage(Toy(), lambda i: {"x": torch.ones(4, 4), "poison": torch.tensor(i in bad)},
+                       lambda: {}, tokens=lambda batch: 16)
     monkeypatch.setattr(train, "build_stage", lambda *args: stage)
     cfg = tiny_config(tmp_path, tmp_path, "--train.max_steps=50", "--train.warmup_steps=1")
     said = []
