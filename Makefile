@@ -41,7 +41,7 @@ espeak:
 	  { echo "error: install espeak-ng (Debian/Ubuntu: apt-get install espeak-ng; macOS: brew install espeak-ng)"; exit 2; }
 
 corpus/train.jsonl: | espeak $(VENV)/.runtime
-	$(PY) data.py corpus --out corpus --n-train 2400 --n-test 300 --seed 0
+	$(PY) corpus.py --out corpus --n-train 2400 --n-test 300 --seed 0
 
 corpus: corpus/train.jsonl
 
@@ -57,11 +57,11 @@ instruct: weights corpus
 # sentence of the test split; for a GPU (~8 min on one H200; the CPU would take hours). README: stage 2.
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 corpus-questions/train.jsonl: | corpus/train.jsonl
-	$(PY) data.py corpus --out corpus-questions --n-train 8000 --n-test 0 --categories question \
+	$(PY) corpus.py --out corpus-questions --n-train 8000 --n-test 0 --categories question \
 	  --exclude corpus/test.jsonl --seed 1 --workers $(NPROC)
 
 corpus-arith/train.jsonl: | corpus/train.jsonl
-	$(PY) data.py corpus --out corpus-arith --n-train 3000 --n-test 0 --categories question \
+	$(PY) corpus.py --out corpus-arith --n-train 3000 --n-test 0 --categories question \
 	  --templates 'plus|minus|times|half' --exclude corpus/test.jsonl --seed 2 --workers $(NPROC)
 
 instruct-gpu: weights corpus corpus-questions/train.jsonl corpus-arith/train.jsonl

@@ -76,7 +76,7 @@ class SystemConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "corpus"       # folder with train.jsonl / test.jsonl (made by `python data.py corpus`)
+    corpus: str = "corpus"       # folder with train.jsonl / test.jsonl (made by `python corpus.py`)
     more_train: tuple = ()       # more corpus folders whose train.jsonl joins corpus's (README: stage 2)
     n_train: int = 2400          # utterances the synthetic corpus makes for training
     n_test: int = 300            # utterances for the held-out-voice test split

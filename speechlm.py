@@ -37,7 +37,7 @@ Run:
     python infer.py --speak "turn off the lights" --voice "a fast, high-pitched female voice" --out out.wav
 
 Simplified on purpose: EnCodec's weights cannot be downloaded everywhere; without them the codec runs
-UNTRAINED (seeded encoder, k-means codebooks, see data.py section 5): its codes still tokenize audio, but
+UNTRAINED (seeded encoder, k-means codebooks, see data.py section 4): its codes still tokenize audio, but
 decoded audio is noise. No classifier-free guidance at sampling time, no prompt audio (voice cloning),
 batch-1 generation.
 """
@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from config import ConfigError, choose_precision
-from data import (CODEBOOK_SIZE, CODEC_FRAME_RATE, MEL_BINS, MEL_FRAME_RATE, Stage, describe_voice,
+from corpus import describe_voice
+from data import (CODEBOOK_SIZE, CODEC_FRAME_RATE, MEL_BINS, MEL_FRAME_RATE, Stage,
                   encode_manifest_codes, encode_manifest_mels, n_codebooks, read_codes, read_manifest, read_mels)
 from lora import quantize_int8_
 from model import (EncoderBlock, KVCache, LayerNorm, LlamaBlock, LlamaConfig, RMSNorm, WhisperConfig, rope_tables,

@@ -83,13 +83,13 @@ def build_audio_lm_stage(cfg, device, dtype, int8, log):
     corpus = Path(cfg.data.corpus)
     if not (corpus / "train.jsonl").exists():
         raise config.ConfigError(f"{corpus}/train.jsonl not found: make the corpus first with "
-                                 f"`python data.py corpus --out {corpus}` (or set --data.corpus=FOLDER)")
+                                 f"`python corpus.py --out {corpus}` (or set --data.corpus=FOLDER)")
     audio_lm = weights.build_audio_lm(cfg, device, dtype, int8, log)
     train_rows, test_rows = data.read_manifest(corpus / "train.jsonl"), data.read_manifest(corpus / "test.jsonl")
     for folder in cfg.data.more_train:        # e.g. a corpus of spoken questions (README, stage 2 on a GPU)
         if not (Path(folder) / "train.jsonl").exists():
             raise config.ConfigError(f"--data.more_train: {folder}/train.jsonl not found; make it with "
-                                     f"`python data.py corpus --out {folder} ...` (README, stage 2)")
+                                     f"`python corpus.py --out {folder} ...` (README, stage 2)")
         train_rows += data.read_manifest(Path(folder) / "train.jsonl")
     mix = cfg.data.mix if cfg.train.stage == "instruct" else (("transcribe", 1.0),)
     features = None
