@@ -358,6 +358,25 @@ def _engine_version(engine):
 # ----------------------------------------------------------------------------------------------------------
 # 4. The corpus: plan every random choice first (one seeded generator, one order), then synthesize in
 # parallel. Parallel work cannot change the result because nothing random happens inside the workers.
+def chosen_rules(categories=None, templates=None):
+    """The templates make_corpus may draw from, and the weights of their categories: all of them by default,
+    else only those of `categories` whose pattern matches the regular expression `templates`."""
+    try:
+        pattern = re.compile(templates or "")
+    except re.error as err:
+        raise ValueError(f"--templates {templates!r} is not a regular expression ({err})") from None
+    rules = [t for t in TEMPLATES if pattern.search(t.pattern)]
+    if categories is not None:
+        unknown = sorted(set(categories) - set(CATEGORY_WEIGHTS))
+        if unknown or not categories:
+            raise ValueError(f"unknown categories {unknown}; choose from {sorted(CATEGORY_WEIGHTS)}")
+        rules = [t for t in rules if t.category in categories]
+    weights = {c: w for c, w in CATEGORY_WEIGHTS.items() if any(t.category == c for t in rules)}
+    if not weights:
+        raise ValueError(f"no template matches {templates!r} in categories {categories}")
+    return rules, weights
+
+
 def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_fraction=0.15, engines=None,
                 progress=True, categories=None, templates=None, exclude=()):
     """Write out_dir/{train,test}/NNNNNN.wav, out_dir/{train,test}.jsonl and out_dir/corpus.json.
@@ -375,15 +394,7 @@ def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_f
     """
     if n_train < 0 or n_test < 0:
         raise ValueError(f"n_train and n_test must be >= 0, got {n_train} and {n_test}")
-    rules = [t for t in TEMPLATES if templates is None or re.search(templates, t.pattern)]
-    if categories is not None:
-        unknown = sorted(set(categories) - set(CATEGORY_WEIGHTS))
-        if unknown or not categories:
-            raise ValueError(f"unknown categories {unknown}; choose from {sorted(CATEGORY_WEIGHTS)}")
-        rules = [t for t in rules if t.category in categories]
-    weights = {c: w for c, w in CATEGORY_WEIGHTS.items() if any(t.category == c for t in rules)}
-    if not weights:
-        raise ValueError(f"no template matches {templates!r} in categories {categories}")
+    rules, weights = chosen_rules(categories, templates)
     exclude = set(exclude)
     available = (GRAMMAR_SIZE if len(rules) == len(TEMPLATES) and not exclude else
                  sum(s.text not in exclude for s in all_sentences(rules)))

@@ -43,7 +43,7 @@ import weights
 from checkpoint import CheckpointCorrupt, load_checkpoint, optimizer_from_tensors, save_checkpoint
 
 # -----------------------------------------------------------------------------
-# 1. A stage: what to train, on what, and how to judge it
+# 1. A stage (data.Stage): what to train, on what, and how to judge it
 
 
 def evaluate_audio_lm(audio_lm, test_rows, features, cfg, device, log=print):

@@ -16,6 +16,9 @@ import torch
 
 import data
 import infer
+from checkpoint import CheckpointCorrupt
+from config import ConfigError
+from weights import CheckpointError
 
 # the question templates of data.py, told apart by a word each one has and the others lack
 KINDS = ("plus", "minus", "times", "half", "larger", "smaller", "comes after", "comes before", "day comes",
@@ -32,10 +35,15 @@ def main(argv=None):
     parser.add_argument("--manifest", default="corpus/test.jsonl", help="rows with task instruct are asked")
     parser.add_argument("--show-wrong", action="store_true", help="print each wrong answer")
     args = parser.parse_args(argv)
-    audio_lm = infer.load_trained(args.checkpoint)
-    rows = [r for r in data.read_manifest(args.manifest) if r["task"] == "instruct"]
+    try:                                    # user errors (no checkpoint, no manifest): one line, exit code 2
+        audio_lm = infer.load_trained(args.checkpoint)
+        rows = [r for r in data.read_manifest(args.manifest) if r["task"] == "instruct"]
+    except (ConfigError, CheckpointError, CheckpointCorrupt, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     if not rows:
-        sys.exit(f"error: {args.manifest} has no instruct rows (spoken questions)")
+        print(f"error: {args.manifest} has no instruct rows (spoken questions)", file=sys.stderr)
+        sys.exit(2)
     right = collections.defaultdict(list)                          # kind -> [True, False, ...]
     with torch.no_grad():
         for row in rows:
