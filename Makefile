@@ -54,7 +54,7 @@ instruct: weights corpus
 	  "--data.mix=(('transcribe',0.2),('continue',0.1),('instruct',0.7))" --train.eval_samples=100 $(ARGS)
 
 # Stage 2 with 11,000 more spoken questions (3,000 of them sums, differences, products and halves), none a
-# sentence of the test split; for a GPU (6.5 min on one H200; the CPU would take hours). README: stage 2.
+# sentence of the test split; for a GPU (~7 min on one H200; the CPU would take hours). README: stage 2.
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 corpus-questions/train.jsonl: | corpus/train.jsonl
 	$(PY) corpus.py --out corpus-questions --n-train 8000 --n-test 0 --categories question \

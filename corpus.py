@@ -7,7 +7,8 @@ reproducible. In reading order:
 
   1. Numbers as words. Every transcript has one spelling: 41 is always "forty one", never "41".
   2. The grammar: templates with {slots} (home commands, numbers, dates, times, places, facts, and questions
-     whose answers are computed from the drawn slots, never written by hand), 41,230 distinct sentences.
+     whose answers are computed from the drawn slots, never written by hand; arithmetic is answered with
+     its working in digits, "43 + 13 = 56"), 41,230 distinct sentences.
   3. Voices: an engine, a base voice (the accent), for espeak-ng a variant (timbre, gender), a speed and a
      pitch, and a Parler-TTS-style description of them ("a slow, low-pitched male voice with a British
      accent"). The test split gets whole base voices that training never hears, so a good test score means
@@ -109,8 +110,13 @@ class Template:
     category: str
     pattern: str             # what the synthesizer reads: may hold ',' and '?' for prosody
     slots: dict              # slot name -> list (or range) of choices
-    answer: object = None    # questions only: drawn values -> the answer in words
+    answer: object = None    # questions only: drawn values -> the answer (words, or worked arithmetic)
     valid: object = None     # drawn values -> False to reject a combination (e.g. "from paris to paris")
+
+
+def worked(a, operator, b, result):
+    """An arithmetic answer with its working, in digits: worked(43, "+", 13, 56) -> '43 + 13 = 56'."""
+    return f"{a} {operator} {b} = {result}"
 
 
 def template(category, pattern, answer=None, valid=None, **slots):
@@ -211,12 +217,15 @@ TEMPLATES = [
     template("fact", "{fact}", fact=PLAIN_FACTS),
     template("fact", "the capital of {country} is {capital}", pair=CAPITALS),
     template("fact", "{thing} has {n} {parts}", fact=COUNT_FACTS),
-    # questions: the `?` gives espeak-ng a rising intonation; `answer` computes the reply from the slots
-    template("question", "what is {a} plus {b}?", lambda v: number_to_words(v["a"] + v["b"]),
+    # questions: the `?` gives espeak-ng a rising intonation; `answer` computes the reply from the slots.
+    # Arithmetic is answered with its working in digits ("what is forty three plus thirteen?" -> "43 + 13 =
+    # 56"): the model first writes down what it heard, then computes on digit tokens, the form in which the
+    # LLM met arithmetic in pre-training (README, stage 2). Other answers are words.
+    template("question", "what is {a} plus {b}?", lambda v: worked(v["a"], "+", v["b"], v["a"] + v["b"]),
              a=range(51), b=range(51)),
-    template("question", "what is {a} minus {b}?", lambda v: number_to_words(v["a"] - v["b"]),
+    template("question", "what is {a} minus {b}?", lambda v: worked(v["a"], "-", v["b"], v["a"] - v["b"]),
              lambda v: v["a"] >= v["b"], a=range(51), b=range(51)),  # no negative answers
-    template("question", "what is {a} times {b}?", lambda v: number_to_words(v["a"] * v["b"]),
+    template("question", "what is {a} times {b}?", lambda v: worked(v["a"], "*", v["b"], v["a"] * v["b"]),
              a=range(13), b=range(13)),
     template("question", "which is larger, {a} or {b}?", lambda v: number_to_words(max(v["a"], v["b"])),
              differ, a=range(100), b=range(100)),
@@ -226,7 +235,7 @@ TEMPLATES = [
              a=range(100)),
     template("question", "what number comes before {a}?", lambda v: number_to_words(v["a"] - 1),
              a=range(1, 101)),
-    template("question", "what is half of {a}?", lambda v: number_to_words(v["a"] // 2),
+    template("question", "what is half of {a}?", lambda v: worked(v["a"], "/", 2, v["a"] // 2),
              a=range(2, 101, 2)),
     template("question", "what day comes after {weekday}?",
              lambda v: WEEKDAYS[(WEEKDAYS.index(v["weekday"]) + 1) % 7], weekday=WEEKDAYS),

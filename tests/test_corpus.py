@@ -92,21 +92,32 @@ def test_every_question_answer_is_right(every_sentence):
               "months a year": 12, "hours a day": 24, "minutes an hour": 60, "seconds a minute": 60,
               "sides a triangle": 3, "corners a square": 4, "sides a pentagon": 5, "sides a hexagon": 6,
               "wheels a bicycle": 2, "wheels a tricycle": 3}
-    # (question pattern, what the answer must be): the numbers are read back with words_to_number
-    rules = [(r"what is (.+) plus (.+)", lambda a, b: a + b),
-             (r"what is (.+) minus (.+)", lambda a, b: a - b),
-             (r"what is (.+) times (.+)", lambda a, b: a * b),
-             (r"which is larger (.+) or (.+)", max),
+    # arithmetic: (question pattern, the working it must show, what it computes); the spoken numbers are read
+    # back with words_to_number and must be the digits the working starts from
+    arithmetic = [(r"what is (.+) plus (.+)", "{} + {} = {}", lambda a, b: a + b),
+                  (r"what is (.+) minus (.+)", "{} - {} = {}", lambda a, b: a - b),
+                  (r"what is (.+) times (.+)", "{} * {} = {}", lambda a, b: a * b),
+                  (r"what is half of (.+)", "{} / 2 = {}", lambda a: a / 2)]
+    # (question pattern, what the answer in words must be)
+    rules = [(r"which is larger (.+) or (.+)", max),
              (r"which is smaller (.+) or (.+)", min),
              (r"what number comes after (.+)", lambda a: a + 1),
-             (r"what number comes before (.+)", lambda a: a - 1),
-             (r"what is half of (.+)", lambda a: a / 2)]
+             (r"what number comes before (.+)", lambda a: a - 1)]
     questions = [s for s in every_sentence if s.category == "question"]
     assert all(s.answer for s in questions)
     assert all(s.answer is None for s in every_sentence if s.category != "question")
+    n_worked = 0
     for s in questions:
+        worked = [(m, w, f) for m, w, f in ((re.fullmatch(p, s.text), w, f) for p, w, f in arithmetic) if m]
         numeric = [(m, f) for m, f in ((re.fullmatch(p, s.text), f) for p, f in rules) if m]
-        if numeric:
+        if worked:
+            match, working, compute = worked[0]
+            spoken = [words_to_number(group) for group in match.groups()]
+            result = compute(*spoken)
+            assert result == int(result), s                      # halves of even numbers, no negatives
+            assert s.answer == working.format(*spoken, int(result)), s
+            n_worked += 1
+        elif numeric:
             match, compute = numeric[0]
             assert words_to_number(s.answer) == compute(*map(words_to_number, match.groups())), s
         elif match := re.fullmatch(r"what (day|month) comes (after|before) (\w+)", s.text):
@@ -118,6 +129,7 @@ def test_every_question_answer_is_right(every_sentence):
         else:
             match = re.fullmatch(r"how many (\w+) does (.+) have", s.text)
             assert words_to_number(s.answer) == counts[f"{match[1]} {match[2]}"], s
+    assert n_worked == 51 * 51 + 51 * 52 // 2 + 13 * 13 + 50      # sums, differences, products, halves
 
 
 def test_random_sentences_come_from_the_grammar(every_sentence):
@@ -206,10 +218,10 @@ def test_a_corpus_of_chosen_templates_keeps_out_another_test_split(tiny_corpus, 
     assert len(rows) == 10 and {r["task"] for r in rows} == {"transcribe", "instruct"}
     for row in rows:
         assert row["text"] in plus and row["text"] not in exclude
-        if row["task"] == "instruct":                        # "what is a plus b" -> the words of a + b
+        if row["task"] == "instruct":                        # "what is a plus b" -> "a + b = c" in digits
             a, b = row["text"][len("what is "):].split(" plus ")
             words = {corpus.number_to_words(n): n for n in range(101)}
-            assert row["response"] == corpus.number_to_words(words[a] + words[b])
+            assert row["response"] == f"{words[a]} + {words[b]} = {words[a] + words[b]}"
     with pytest.raises(ValueError, match=f"makes {left} distinct sentences"):
         corpus.make_corpus(tmp_path / "x", n_train=left + 1, n_test=0, categories=["question"],
                          templates=r"\bplus\b", exclude=exclude, progress=False)
