@@ -172,6 +172,9 @@ class RLConfig:
                                   # the bound the held-out KL is reported against
     kl_horizon: int = 64          # rollouts: the controller's time constant (beta moves <= 20% per horizon)
     target_approx_kl: float = 0.05    # stop an iteration's epochs once approx-KL(old || new) exceeds this
+    kl_stop: float = 0.08         # the KL brake: no PPO update in an iteration whose rollouts' KL to the
+                                  # reference is above this (nats per column); under kl_target because one
+                                  # update moved it by up to 0.02 on the base preset; 0 = off
     voice_weight: float = 0.0     # reward += this x cosine(VoiceEncoder(speech), VoiceEncoder(description))
     eval_prompts: int = 32        # held-out (test.jsonl) prompts judged before RL, every eval_every, after
     eval_every: int = 0           # iterations between held-out evaluations; 0 = only before and after

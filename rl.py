@@ -21,7 +21,8 @@ the numbered stages of the loop (section 6), in the style of cleanrl's ppo.py (H
      last one (Ziegler et al. 2019, per column rather than summed); beta fixed or moved toward a KL target.
   4. Advantages: GAE (Schulman et al. 2016), the reversed loop, whitened over the batch.
   5. PPO epochs over shuffled minibatches (Schulman et al. 2017): clipped policy loss, clipped value loss,
-     entropy bonus; the epochs stop early once approx-KL(old || new) passes a limit.
+     entropy bonus; the epochs stop early once approx-KL(old || new) passes a limit, and an iteration whose
+     rollouts are already too far from the reference (KL above kl_stop) makes no update at all.
   6. Log judge reward (mean, std), KL to the reference, clip fraction, approx-KL, entropy and value loss; the
      held-out judge reward before and after; log.jsonl, rl.svg, an atomic checkpoint, an exact `--resume`.
 Every hyper-parameter is a field of config.RLConfig (`--rl.key=value`), documented there.
@@ -422,6 +423,7 @@ def train_rl(cfg, policy, reference, train_prompts, score, out_dir, eval_prompts
                     policy.speechlm, part, r.temperature, policy.value_head)
                 ref_log_prob[idx], _, _, full_ref = policy_outputs(reference, part, r.temperature)
                 kl[idx] = exact_kl(full, full_ref, part["free"])                     # (b, S) nats per column
+        mean_kl = masked_mean(kl, mask).item()                                       # nats per column
         t_sampled = time.time()
 
         # 2. score: the judge's reward, centred per prompt and scaled
@@ -435,9 +437,12 @@ def train_rl(cfg, policy, reference, train_prompts, score, out_dir, eval_prompts
         advantages, returns = gae(rewards, old_values, mask, r.gamma, r.gae_lambda)
         advantages = whiten(advantages, mask)
 
-        # 5. PPO epochs over minibatches; stop once the policy has moved too far from the rollouts' one
+        # 5. PPO epochs over minibatches; stop once the policy has moved too far from the rollouts' one. The
+        # KL brake: no update at all while the policy is already too far from the reference (the penalty of
+        # step 3 only pulls back on average; this bounds it), so the next rollouts come from the same policy
+        braked = r.kl_stop > 0 and mean_kl > r.kl_stop
         stats, first_ratio_error, t_scored = [], None, time.time()
-        for idx in (idx for order in orders for idx in split(order)):
+        for idx in ([] if braked else (idx for order in orders for idx in split(order))):
             part, m = {k: v[idx] for k, v in batch.items()}, mask[idx]
             log_prob, entropy, values, _ = policy_outputs(policy.speechlm, part, r.temperature,
                                                           policy.value_head)
@@ -459,12 +464,11 @@ def train_rl(cfg, policy, reference, train_prompts, score, out_dir, eval_prompts
                 break
 
         # 6. log, move beta toward the KL target, checkpoint
-        mean_kl = masked_mean(kl, mask).item()                                       # nats per column
-        means = torch.tensor(stats).mean(0).tolist()
+        means = torch.tensor(stats).mean(0).tolist() if stats else [0.0] * 5        # braked: no update
         row = {"iteration": iteration + 1, "reward": scores["reward"].mean().item(),
                "reward_std": scores["reward"].std().item(), "kl": mean_kl, "kl_coef": kl_coef,
                **dict(zip(("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl"), means)),
-               "first_ratio_error": first_ratio_error, "updates": len(stats),
+               "first_ratio_error": first_ratio_error, "updates": len(stats), "braked": braked,
                "seconds_of_speech": ended.float().mean().item() / CODEC_FRAME_RATE,
                **{k: v.mean().item() for k, v in scores.items() if k != "reward"},
                "rollout_s": round(t_sampled - t0, 2), "score_s": round(t_scored - t_sampled, 2),
@@ -475,7 +479,8 @@ def train_rl(cfg, policy, reference, train_prompts, score, out_dir, eval_prompts
         bar.write(f"iter {iteration + 1:3d}/{r.iterations} | reward {row['reward']:.4f} +- "
                   f"{row['reward_std']:.4f} | KL {mean_kl:.4f} (beta {row['kl_coef']:.3f}) | clip "
                   f"{row['clip_fraction']:.3f} | approx-KL {row['approx_kl']:.4f} | entropy "
-                  f"{row['entropy']:.2f} | value loss {row['value_loss']:.3f} | {row['wall_s']:.0f} s")
+                  f"{row['entropy']:.2f} | value loss {row['value_loss']:.3f} | {row['wall_s']:.0f} s"
+                  + (" | KL brake: no update" if braked else ""))
         write(row)
         done = iteration + 1
         if eval_prompts and r.eval_every and done % r.eval_every == 0 and done < r.iterations:

@@ -154,16 +154,28 @@ def run_toy(lm, tmp_path, *overrides):
 
 
 def test_toy_task_reward_rises_with_bounded_kl(warm_speechlm, tmp_path):
-    rows = run_toy(warm_speechlm, tmp_path / "loose", "--rl.kl_coef=1.0")
+    rows = run_toy(warm_speechlm, tmp_path / "loose", "--rl.kl_coef=1.0", "--rl.kl_stop=0")    # no brake
     assert all(r["first_ratio_error"] == 0.0 for r in rows)                         # exactly 1, every time
     assert any(r["clip_fraction"] > 0 for r in rows)                                # ... and then it moves
     first, last = [sum(r["reward"] for r in part) / 2 for part in (rows[:2], rows[-2:])]
     assert last > 3 * first and last > 0.2, (first, last)                           # ~1/16 -> several-fold
     kl = [r["kl"] for r in rows]                                                    # nats per column
     assert max(kl) < 2.0, kl                      # saying only the chosen code would cost 2 ln 16 = 5.5
-    tight = run_toy(warm_speechlm, tmp_path / "tight", "--rl.kl_coef=30.0", "--rl.adaptive_kl=False")
+    tight = run_toy(warm_speechlm, tmp_path / "tight", "--rl.kl_coef=30.0", "--rl.adaptive_kl=False",
+                    "--rl.kl_stop=0")
     assert max(r["kl"] for r in tight) < 0.5 and tight[-1]["kl"] < kl[-1] / 2      # a shorter leash
     assert (tmp_path / "loose" / "rl.svg").read_text().startswith("<svg")
+
+
+def test_kl_brake_skips_exactly_the_updates_from_too_far(warm_speechlm, tmp_path):
+    loose = run_toy(warm_speechlm, tmp_path / "loose", "--rl.kl_coef=1.0", "--rl.kl_stop=0")
+    braked = run_toy(warm_speechlm, tmp_path / "braked", "--rl.kl_coef=1.0", "--rl.kl_stop=0.2")
+    same = lambda rows: [(row["reward"], row["kl"]) for row in rows[:2]]          # KL 0, then < 0.2 (~0.08)
+    assert same(loose) == same(braked)                                            # the same run until then
+    for row in braked:
+        assert row["braked"] == (row["kl"] > 0.2) and (row["updates"] == 0) == row["braked"], row
+    assert any(row["braked"] for row in braked)
+    assert max(row["kl"] for row in braked) < max(row["kl"] for row in loose) / 2, (braked, loose)
 
 
 # -----------------------------------------------------------------------------
