@@ -588,6 +588,7 @@ CODEC_SAMPLE_RATE = 24000                  # Hz: the 24 kHz EnCodec model
 CODEC_FRAME_RATE = 75                      # frames per second: 24000 / 320 (the encoder's total stride)
 CODEBOOK_SIZE = 1024                       # entries per codebook: 10 bits per code
 CODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"   # the file name encodec looks for in `repository=`
+TRAINED_HERE = "codec.safetensors"         # weights of the same architecture trained by scripts/train_codec.py
 UNTRAINED_SEED = 0                         # seeds the untrained codec's weights and its k-means
 KMEANS_FRAMES = 16384                      # encoder frames (~3.6 min of audio) the untrained codebooks fit on
 KMEANS_ITERS = 10                          # Lloyd iterations per codebook
@@ -620,11 +621,11 @@ class Codec:
     """EnCodec 24 kHz at one bandwidth: waveform (samples,) <-> codes (K, frames). `name` says which weights:
     'encodec_24khz' (real) or 'encodec_24khz-untrained'; `fingerprint` is a hash of every weight."""
 
-    def __init__(self, encodec_model, bandwidth, pretrained):
+    def __init__(self, encodec_model, bandwidth, pretrained, name=None):
         self.model, self.bandwidth, self.pretrained = encodec_model.eval(), bandwidth, pretrained
         self.model.set_target_bandwidth(bandwidth)
         self.n_codebooks = n_codebooks(bandwidth)
-        self.name = "encodec_24khz" if pretrained else "encodec_24khz-untrained"
+        self.name = name or ("encodec_24khz" if pretrained else "encodec_24khz-untrained")
 
     def codebooks(self):
         """The EuclideanCodebook modules of the first K residual quantizers."""
@@ -673,15 +674,29 @@ class Codec:
             codebook.inited.fill_(1)
 
 
+def untrained_encodec():
+    """EnCodec 24 kHz's architecture with seeded random weights: the same on every run and machine."""
+    warnings.filterwarnings("ignore", message=".*weight_norm.*")      # encodec uses the older weight_norm API
+    with torch.random.fork_rng():
+        torch.manual_seed(UNTRAINED_SEED)
+        return EncodecModel.encodec_model_24khz(pretrained=False)
+
+
 def load_codec(codec_dir="", bandwidth=1.5, log=print):
     """The real EnCodec 24 kHz when its weights can be had (`codec_dir` holding encodec_24khz-d7cc33bc.th,
-    or the package's own download), else the same architecture untrained, with one loud warning."""
+    or the package's own download); a codec trained here (`codec_dir` holding codec.safetensors from
+    scripts/train_codec.py); else the same architecture untrained, with one loud warning."""
     global _warned
     warnings.filterwarnings("ignore", message=".*weight_norm.*")      # encodec uses the older weight_norm API
     if codec_dir:
+        if (Path(codec_dir) / TRAINED_HERE).exists():
+            model = untrained_encodec()
+            model.load_state_dict(load_file(str(Path(codec_dir) / TRAINED_HERE)))
+            return Codec(model, bandwidth, pretrained=True, name="encodec_24khz-trained-here")
         if not (Path(codec_dir) / CODEC_CHECKPOINT).exists():
-            raise ConfigError(f"{codec_dir}/{CODEC_CHECKPOINT}: missing; put EnCodec's 24 kHz checkpoint there "
-                              f"or set --speechlm.codec='' to use the download (or the untrained codec)")
+            raise ConfigError(f"{codec_dir}: neither {CODEC_CHECKPOINT} (EnCodec's own 24 kHz weights) nor "
+                              f"{TRAINED_HERE} (python -m scripts.train_codec); or set --speechlm.codec='' to "
+                              f"use the download (or the untrained codec)")
         return Codec(EncodecModel.encodec_model_24khz(repository=Path(codec_dir)), bandwidth, pretrained=True)
     if not _warned:                                # one download attempt (and one warning) per process
         try:                                       # torch.hub prints "Downloading: ..." on stdout: not there
@@ -693,9 +708,7 @@ def load_codec(codec_dir="", bandwidth=1.5, log=print):
                 "clusters of its random features), but DECODED AUDIO IS NOISE.\n!! For real speech put "
                 f"{CODEC_CHECKPOINT} in a folder and set --speechlm.codec=<folder>.\n" + "!" * 100)
             _warned = True
-    with torch.random.fork_rng():                  # the same untrained weights on every run and machine
-        torch.manual_seed(UNTRAINED_SEED)
-        return Codec(EncodecModel.encodec_model_24khz(pretrained=False), bandwidth, pretrained=False)
+    return Codec(untrained_encodec(), bandwidth, pretrained=False)
 
 
 def codes_dir_for(manifest_path, bandwidth):
@@ -732,12 +745,8 @@ def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print,
     audio_paths = list(dict.fromkeys(row["audio"] for row in read_manifest(manifest_path)))   # unique
     info_file = codes_dir / "codec.json"
     todo = [p for p in audio_paths if not codes_path(codes_dir, p, root).exists()]
-    if info_file.exists() and not todo:           # all there: no need to even build the codec
-        made_by = json.loads(info_file.read_text())["codec"]
-        if codec_dir and made_by != "encodec_24khz":
-            raise ConfigError(f"{codes_dir}: codes were made by {made_by} but --speechlm.codec={codec_dir} "
-                              f"asks for real weights; delete {codes_dir} to re-encode")
-        return codes_dir
+    if info_file.exists() and not todo and not codec_dir:     # all there: no need to even build the codec
+        return codes_dir                           # (a folder of weights is built: its fingerprint is checked)
     codec = codec or load_codec(codec_dir, bandwidth, log)
     codes_dir.mkdir(parents=True, exist_ok=True)
     if not codec.pretrained:

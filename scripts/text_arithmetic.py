@@ -11,7 +11,6 @@ is the right result. This is why corpus.py answers arithmetic with its working i
 """
 import argparse
 import random
-import re
 
 import torch
 

@@ -10,7 +10,8 @@ import re
 import torch
 
 import corpus
-from scripts import code_probe, text_arithmetic
+import data
+from scripts import code_probe, text_arithmetic, train_codec
 
 
 def test_first_number_reads_digits_or_words_whichever_comes_first():
@@ -56,3 +57,18 @@ def test_probe_finds_a_word_that_the_units_carry_and_not_one_they_do_not():
     assert n == 1 and mean_auc > 0.95
     mean_auc, _ = code_probe.probe(x[:300], unrelated[:300, None], x[300:], unrelated[300:, None])
     assert 0.35 < mean_auc < 0.65
+
+
+def test_a_codec_trained_here_loads_by_folder_and_its_codes_are_its_own(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(12000) / data.CODEC_SAMPLE_RATE
+    clips = [0.3 * torch.sin(2 * torch.pi * f * t) + 0.01 * torch.randn(12000, generator=g) for f in (200, 300)]
+    rows = train_codec.train_codec(clips, tmp_path / "codec", steps=4, batch=2, seconds=0.2, log=lambda m: None)
+    assert len(rows) == 1 and rows[0]["step"] == 4                               # the last step is logged
+    trained = data.load_codec(str(tmp_path / "codec"))
+    untrained = data.Codec(data.untrained_encodec(), 1.5, pretrained=False)       # what offline runs get
+    assert trained.name == "encodec_24khz-trained-here" and trained.pretrained
+    assert trained.fingerprint() != untrained.fingerprint()                      # its codes never mix
+    codes = trained.encode(clips[0])
+    assert codes.shape == (2, 12000 // 320 + 1) and codes.max() < data.CODEBOOK_SIZE
+    assert not torch.equal(codes[0], torch.zeros_like(codes[0]))                 # k-means filled its codebooks
