@@ -619,7 +619,8 @@ def kmeans(x, n_clusters, iters, generator):
 
 class Codec:
     """EnCodec 24 kHz at one bandwidth: waveform (samples,) <-> codes (K, frames). `name` says which weights:
-    'encodec_24khz' (real) or 'encodec_24khz-untrained'; `fingerprint` is a hash of every weight."""
+    'encodec_24khz' (real), 'encodec_24khz-trained-here' (scripts/train_codec.py) or 'encodec_24khz-untrained'
+    (`pretrained` False: its codebooks still need k-means); `fingerprint` is a hash of every weight."""
 
     def __init__(self, encodec_model, bandwidth, pretrained, name=None):
         self.model, self.bandwidth, self.pretrained = encodec_model.eval(), bandwidth, pretrained
@@ -706,7 +707,8 @@ def load_codec(codec_dir="", bandwidth=1.5, log=print):
             log("!" * 100 + f"\n!! EnCodec weights unavailable ({type(error).__name__}): using an UNTRAINED "
                 "EnCodec (seeded weights, k-means codebooks).\n!! Its codes still tokenize audio (k-means "
                 "clusters of its random features), but DECODED AUDIO IS NOISE.\n!! For real speech put "
-                f"{CODEC_CHECKPOINT} in a folder and set --speechlm.codec=<folder>.\n" + "!" * 100)
+                f"{CODEC_CHECKPOINT} in a folder and set --speechlm.codec=<folder>, or train one on a GPU: "
+                "python -m scripts.train_codec --out <folder>.\n" + "!" * 100)
             _warned = True
     return Codec(untrained_encodec(), bandwidth, pretrained=False)
 
