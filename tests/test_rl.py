@@ -153,8 +153,15 @@ def run_toy(lm, tmp_path, *overrides):
     return rl.train_rl(cfg, policy, lm, toy_prompts(), fraction_of_chosen_code, tmp_path, log=lambda *a: None)
 
 
-def test_toy_task_reward_rises_with_bounded_kl(warm_speechlm, tmp_path):
-    rows = run_toy(warm_speechlm, tmp_path / "loose", "--rl.kl_coef=1.0", "--rl.kl_stop=0")    # no brake
+@pytest.fixture(scope="module")
+def loose_toy_run(warm_speechlm, tmp_path_factory):
+    """The toy task with a weak KL penalty and no brake: (its log rows, its out_dir)."""
+    out = tmp_path_factory.mktemp("loose")
+    return run_toy(warm_speechlm, out, "--rl.kl_coef=1.0", "--rl.kl_stop=0"), out
+
+
+def test_toy_task_reward_rises_with_bounded_kl(warm_speechlm, loose_toy_run, tmp_path):
+    rows, loose_dir = loose_toy_run
     assert all(r["first_ratio_error"] == 0.0 for r in rows)                         # exactly 1, every time
     assert any(r["clip_fraction"] > 0 for r in rows)                                # ... and then it moves
     first, last = [sum(r["reward"] for r in part) / 2 for part in (rows[:2], rows[-2:])]
@@ -164,11 +171,11 @@ def test_toy_task_reward_rises_with_bounded_kl(warm_speechlm, tmp_path):
     tight = run_toy(warm_speechlm, tmp_path / "tight", "--rl.kl_coef=30.0", "--rl.adaptive_kl=False",
                     "--rl.kl_stop=0")
     assert max(r["kl"] for r in tight) < 0.5 and tight[-1]["kl"] < kl[-1] / 2      # a shorter leash
-    assert (tmp_path / "loose" / "rl.svg").read_text().startswith("<svg")
+    assert (loose_dir / "rl.svg").read_text().startswith("<svg")
 
 
-def test_kl_brake_skips_exactly_the_updates_from_too_far(warm_speechlm, tmp_path):
-    loose = run_toy(warm_speechlm, tmp_path / "loose", "--rl.kl_coef=1.0", "--rl.kl_stop=0")
+def test_kl_brake_skips_exactly_the_updates_from_too_far(warm_speechlm, loose_toy_run, tmp_path):
+    loose = loose_toy_run[0]
     braked = run_toy(warm_speechlm, tmp_path / "braked", "--rl.kl_coef=1.0", "--rl.kl_stop=0.2")
     same = lambda rows: [(row["reward"], row["kl"]) for row in rows[:2]]          # KL 0, then < 0.2 (~0.08)
     assert same(loose) == same(braked)                                            # the same run until then
