@@ -16,6 +16,7 @@ could read from them; it compares unit inventories, it does not measure a traine
 """
 import argparse
 import collections
+import sys
 from pathlib import Path
 
 import torch
@@ -72,6 +73,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     corpus = Path(args.corpus)
+    stage = f"python train.py --stage=speechlm --data.corpus={corpus} --speechlm.bandwidth={args.bandwidth}"
+    needed = [(corpus / "train.jsonl", f"python corpus.py --out {corpus}"),               # (what, made by)
+              (data.codes_dir_for(corpus / "train.jsonl", args.bandwidth) / "codec.json", stage),
+              (data.mels_dir_for(corpus / "train.jsonl"), stage + " --speechlm.voice_audio=mel")]
+    for path, command in needed:
+        if not path.exists():
+            sys.exit(f"error: {path} not found; make it first: {command}")
     train_audio, train_text = clips(corpus / "train.jsonl")
     test_audio, test_text = clips(corpus / "test.jsonl")
     counts = collections.Counter(w for text in train_text for w in set(text.split()))
@@ -79,12 +87,15 @@ def main(argv=None):
     labels = lambda texts: torch.tensor([[w in text.split() for w in words] for text in texts]).float()
     train_y, test_y = labels(train_text), labels(test_text)
 
-    codes_train, info = data.read_codes(corpus / "train.jsonl", train_audio, args.bandwidth)
-    codes_test, _ = data.read_codes(corpus / "test.jsonl", test_audio, args.bandwidth)
+    try:                                   # a clip whose codes or log-mel were never made: one line
+        codes_train, info = data.read_codes(corpus / "train.jsonl", train_audio, args.bandwidth)
+        codes_test, _ = data.read_codes(corpus / "test.jsonl", test_audio, args.bandwidth)
+        mel_train = data.read_mels(corpus / "train.jsonl", train_audio)
+        mel_test = data.read_mels(corpus / "test.jsonl", test_audio)
+    except OSError as err:
+        sys.exit(f"error: {err}; the stage commands above make every clip's codes and log-mel")
     code_auc, n = probe(bags([c[0] for c in codes_train]), train_y, bags([c[0] for c in codes_test]), test_y)
 
-    mel_train = data.read_mels(corpus / "train.jsonl", train_audio)
-    mel_test = data.read_mels(corpus / "test.jsonl", test_audio)
     frames = torch.cat([m.T for m in mel_train])                                   # (N, 80)
     sample = frames[torch.randperm(len(frames))[:KMEANS_FRAMES]]
     centres = data.kmeans(sample, UNITS, 10, torch.Generator().manual_seed(0))       # (1024, 80)

@@ -11,6 +11,7 @@ is the right result. This is why corpus.py answers arithmetic with its working i
 """
 import argparse
 import random
+import sys
 
 import torch
 
@@ -60,7 +61,10 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=60, help="problems per kind")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    llm, tokenizer = weights.load_llm(args.llm).eval(), weights.Tokenizer(args.llm)
+    try:                                   # no such checkpoint folder: one line, not a traceback
+        llm, tokenizer = weights.load_llm(args.llm).eval(), weights.Tokenizer(args.llm)
+    except (weights.CheckpointError, OSError) as err:
+        sys.exit(f"error: {err}")
     by_words = {corpus.number_to_words(n): n for n in range(1000)}
     rng = random.Random(args.seed)
     print(f"{'kind':6s} {'digits':>9s} {'words':>9s}   (right of {args.n}, two worked examples first)")

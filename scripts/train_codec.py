@@ -23,6 +23,7 @@ hours.
 """
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -90,11 +91,13 @@ def train_codec(clips, out_dir, steps=3000, batch=32, seconds=1.0, bandwidth=1.5
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    weights_file = out_dir / data.TRAINED_HERE           # written whole, then renamed: never half a file
     save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(out_dir / data.TRAINED_HERE))
-    (out_dir / "codec.json").write_text(json.dumps({"steps": rows[-1]["step"], "batch": batch, "seconds": seconds,
-                                                    "bandwidth": bandwidth, "lr": lr, "seed": seed,
-                                                    "clips": len(clips), "log": rows}, indent=1) + "\n")
+              str(weights_file.with_suffix(".tmp")))
+    os.replace(weights_file.with_suffix(".tmp"), weights_file)
+    settings = {"steps": rows[-1]["step"], "batch": batch, "seconds": seconds, "bandwidth": bandwidth, "lr": lr,
+                "seed": seed, "clips": len(clips)}
+    (out_dir / "codec.json").write_text(json.dumps({**settings, "log": rows}, indent=1) + "\n")
     log(f"wrote {out_dir / data.TRAINED_HERE}: mel L1 {rows[-1]['mel_l1']:.3f}, wave L1 "
         f"{rows[-1]['wave_l1']:.4f} after {rows[-1]['step']} steps ({rows[-1]['wall_s']:.0f} s)")
     return rows
@@ -113,12 +116,17 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-minutes", type=float, help="stop training after this long, steps done or not")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.seconds <= 0:
+        parser.error("--steps and --batch must be >= 1 and --seconds > 0")
     manifest = Path(args.corpus) / "train.jsonl"
     if not manifest.exists():
         sys.exit(f"error: {manifest} not found; make the corpus first (python corpus.py --out {args.corpus})")
     paths = list(dict.fromkeys(row["audio"] for row in data.read_manifest(manifest)))
-    clips = [data.load_audio(path, sr=data.CODEC_SAMPLE_RATE)
-             for path in tqdm(paths, desc="reading", file=sys.stderr)]
+    try:                                   # a missing or broken clip: one line naming it (data.AudioError)
+        clips = [data.load_audio(path, sr=data.CODEC_SAMPLE_RATE)
+                 for path in tqdm(paths, desc="reading", file=sys.stderr)]
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     train_codec(clips, args.out, args.steps, args.batch, args.seconds, args.bandwidth, args.lr, args.seed,
                 args.device, args.max_minutes, log=lambda message: print(message, file=sys.stderr))
 

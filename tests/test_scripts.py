@@ -7,6 +7,7 @@ hand-computed checks too.
 import random
 import re
 
+import pytest
 import torch
 
 import corpus
@@ -72,3 +73,9 @@ def test_a_codec_trained_here_loads_by_folder_and_its_codes_are_its_own(tmp_path
     codes = trained.encode(clips[0])
     assert codes.shape == (2, 12000 // 320 + 1) and codes.max() < data.CODEBOOK_SIZE
     assert not torch.equal(codes[0], torch.zeros_like(codes[0]))                 # k-means filled its codebooks
+    # a corpus whose codes the untrained codec made: the trained one is refused by fingerprint, not mixed in
+    data.save_wav(tmp_path / "a.wav", clips[0], data.CODEC_SAMPLE_RATE)
+    data.write_manifest(tmp_path / "m.jsonl", [{"audio": "a.wav", "text": "x"}])
+    data.encode_manifest_codes(tmp_path / "m.jsonl", 1.5, "", log=lambda m: None, codec=untrained)
+    with pytest.raises(ValueError, match="encodec_24khz-trained-here .*delete"):
+        data.encode_manifest_codes(tmp_path / "m.jsonl", 1.5, str(tmp_path / "codec"), log=lambda m: None)
