@@ -54,12 +54,12 @@ from safetensors.torch import load_file
 
 from config import ConfigError, choose_precision
 from corpus import describe_voice
-from data import (CODEBOOK_SIZE, CODEC_FRAME_RATE, MEL_BINS, MEL_FRAME_RATE, Stage,
-                  encode_manifest_codes, encode_manifest_mels, n_codebooks, read_codes, read_manifest, read_mels)
+from data import (CODEBOOK_SIZE, CODEC_FRAME_RATE, MEL_BINS, MEL_FRAME_RATE, Stage, encode_manifest_codes,
+                  encode_manifest_mels, encoder_features, n_codebooks, read_codes, read_manifest, read_mels)
 from lora import quantize_int8_
-from model import (EncoderBlock, KVCache, LayerNorm, LlamaBlock, LlamaConfig, RMSNorm, WhisperConfig, rope_tables,
-                   sample_next_token)
-from weights import Tokenizer, read_config, resolve_checkpoint
+from model import (AudioLM, EncoderBlock, KVCache, LayerNorm, LlamaBlock, LlamaConfig, RMSNorm, WhisperConfig,
+                   rope_tables, sample_next_token)
+from weights import Tokenizer, load_whisper_encoder, read_config, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
 # 1. The delay pattern: K codebooks interleaved one step apart (see the picture in the docstring)
@@ -174,7 +174,7 @@ def speechlm_llama_config(cfg, max_positions):
 
 
 class SpeechLM(nn.Module):
-    def __init__(self, cfg, text_vocab, n_codebooks, max_text=64):
+    def __init__(self, cfg, text_vocab, n_codebooks, max_text=64, whisper_dim=0):
         super().__init__()
         self.K, self.max_text = n_codebooks, max_text
         max_frames = int(cfg.max_seconds * CODEC_FRAME_RATE)                       # 750 for 10 s
@@ -190,6 +190,8 @@ class SpeechLM(nn.Module):
         self.blocks = nn.ModuleList(LlamaBlock(self.lcfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, 1e-5)
         self.heads = nn.ModuleList(nn.Linear(cfg.d_model, CODE_VOCAB, bias=False) for _ in range(n_codebooks))
+        # the hearing loss's read-out: audio-only states -> Whisper encoder frames (only when it trains)
+        self.whisper_head = nn.Linear(cfg.d_model, whisper_dim) if whisper_dim else None
         cos, sin = rope_tables(self.lcfg.head_dim, self.lcfg.max_positions, self.lcfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -243,16 +245,39 @@ class SpeechLM(nn.Module):
                                   ignore_index=-100, reduction="sum") for k, head in enumerate(self.heads)]
         return sum(losses) / (audio_targets != -100).sum().clamp(min=1)
 
+    def audio_only(self, audio_in, layer):
+        """Teacher-forcing columns audio_in (B, K, A) alone (unconditional: null voice, no text) through
+        blocks 1..layer -> the states at the audio columns (B, A, C)."""
+        x = torch.cat([self.null_voice.expand(audio_in.size(0), 1, -1), self.embed_columns(audio_in)], dim=1)
+        return self.run(x, stop_after=layer)[:, 1:]
+
     @torch.no_grad()
     def audio_states(self, codes, lengths, layer):
-        """The adapter's view of audio: codes (B, K, T) alone (unconditional: null voice, no text), run
-        through blocks 1..layer. Returns the states at the audio columns (B, T + K, C) and how many of them
-        are real (lengths + K: BOS, the T + K - 1 delayed columns; each column holds frame t's codebook 0
-        next to frame t - k's codebook k). Right padding and causal attention: padding changes nothing."""
-        B = codes.size(0)
+        """The adapter's view of audio: codes (B, K, T) through audio_only. Returns the states at the audio
+        columns (B, T + K, C) and how many of them are real (lengths + K: BOS, the T + K - 1 delayed columns;
+        each column holds frame t's codebook 0 next to frame t - k's codebook k). Right padding and causal
+        attention: padding changes nothing."""
         audio_in, _ = audio_columns(codes, lengths)                                  # (B, K, T + K)
-        x = torch.cat([self.null_voice.expand(B, 1, -1), self.embed_columns(audio_in)], dim=1)
-        return self.run(x, stop_after=layer)[:, 1:], lengths + self.K               # (B, T + K, C), (B,)
+        return self.audio_only(audio_in, layer), lengths + self.K                   # (B, T + K, C), (B,)
+
+    def whisper_loss(self, audio_in, audio_lengths, whisper, whisper_lengths, layer, lag):
+        """The hearing loss: the audio-only states of block `layer` predict a frozen Whisper encoder's output
+        for the same clip, whisper (B, W, D) at 50 frames/s, right-padded, whisper_lengths (B,).
+
+        Column j has heard codec frames < j (75/s). It predicts the Whisper frame at the centre of codec
+        frame j - 1 - lag, so a causal state hears `lag` frames (lag / 75 s) past what it describes, as
+        Whisper itself, which sees the whole clip, does. Targets are layer-normed per frame (mean 0,
+        variance 1 over D, as data2vec's), so predicting all zeros scores 1.0: the loss is the share of
+        the teacher's variance still unexplained. Mean squared error over real columns and frames."""
+        states = self.audio_only(audio_in, layer)                                     # (B, A, C)
+        A = states.size(1)
+        frame = torch.arange(A, device=states.device) - 1 - lag                       # (A,) codec frame
+        w = torch.div(2 * frame + 1, 3, rounding_mode="floor")                        # its Whisper frame
+        target = F.layer_norm(whisper[:, w.clamp(0, whisper.size(1) - 1)].float(), (whisper.size(2),))
+        real = ((frame >= 0) & (torch.arange(A, device=w.device) < audio_lengths[:, None])
+                & (w < whisper_lengths[:, None]))                                     # (B, A)
+        error = (self.whisper_head(states).float() - target).pow(2).mean(-1)         # (B, A)
+        return (error * real).sum() / real.sum().clamp(min=1)
 
     def allowed(self, step, k, ended_at):
         """Which ids codebook k may take at delayed step `step`: PAD in the delay corners (before the
@@ -334,15 +359,30 @@ def load_examples(manifest_path, cfg, tokenizer, log=print):
     if cfg.speechlm.voice_audio == "mel":                         # what the VoiceEncoder's audio tower hears
         encode_manifest_mels(manifest_path, log)
         mels = read_mels(manifest_path, [r["audio"] for r in rows])                  # each (80, frames)
+    whisper = [None] * len(rows)
+    if cfg.speechlm.whisper_weight > 0:                           # the hearing loss's targets
+        features = whisper_features(cfg, Path(manifest_path).parent, rows, log)
+        whisper = [features[r["audio"]] for r in rows]                               # each (frames, D)
     max_frames = int(cfg.speechlm.max_seconds * CODEC_FRAME_RATE)
     examples = [{"text": r["text"], "description": describe(r), "codes": c,
                  "text_ids": torch.tensor(tokenizer.encode(r["text"])[:64]),
                  "desc_ids": torch.tensor(tokenizer.encode(describe(r))[:64]),
-                 **({"mel": m} if m is not None else {})}
-                for r, c, m in zip(rows, codes, mels) if c.size(1) <= max_frames]
+                 **({"mel": m} if m is not None else {}), **({"whisper": w} if w is not None else {})}
+                for r, c, m, w in zip(rows, codes, mels, whisper) if c.size(1) <= max_frames]
     log(f"{manifest_path}: {len(examples)} clips ({len(rows) - len(examples)} longer than "
         f"{cfg.speechlm.max_seconds} s left out), codes by {info['codec']} ({info['fingerprint']})")
     return examples, info
+
+
+def whisper_features(cfg, corpus, rows, log=print):
+    """{audio path: the frozen Whisper encoder's (model.encoder) output (frames, D) fp16} for the rows'
+    clips, the hearing loss's targets. Computed once into <corpus>/cache/<encoder>-native.safetensors, the
+    audio LM's own encoder cache (train.py --stage=asr): whichever stage runs first fills it for both."""
+    path = resolve_checkpoint(cfg.model.encoder)
+    cache = Path(corpus) / "cache" / f"{path.name}-native.safetensors"
+    log(f"hearing loss: targets from {path.name}, cached in {cache}")
+    teacher = AudioLM(load_whisper_encoder(path), projector=None, llm=None, tokenizer=None)   # mel + encode
+    return encoder_features(teacher, rows, cache)
 
 
 def pad_stack(tensors, value=0):
@@ -361,9 +401,13 @@ def speech_batch(examples, uncond=None):
     desc_ids, desc_lengths = pad_stack([e["desc_ids"] for e in examples])
     codes, code_lengths = pad_stack([e["codes"] for e in examples])                   # (B, K, T)
     audio_in, audio_targets = audio_columns(codes, code_lengths)
+    whisper = {}
+    if all("whisper" in e for e in examples):                  # the hearing loss's targets, (B, W, D)
+        features, lengths = pad_stack([e["whisper"].T for e in examples])
+        whisper = dict(whisper_features=features.transpose(1, 2), whisper_lengths=lengths)
     return dict(desc_ids=desc_ids, desc_lengths=desc_lengths, uncond=uncond, text_ids=text_ids,
                 text_lengths=text_lengths, audio_in=audio_in, audio_targets=audio_targets,
-                audio_lengths=code_lengths + codes.size(1))
+                audio_lengths=code_lengths + codes.size(1), **whisper)
 
 
 def voice_batch(examples, audio="codes"):
@@ -378,7 +422,8 @@ def voice_batch(examples, audio="codes"):
 
 
 class SpeechLMTraining(nn.Module):
-    """Stage 1's loss: the SpeechLM's code-token cross-entropy + voice_weight * the VoiceEncoder's InfoNCE.
+    """Stage 1's loss: the SpeechLM's code-token cross-entropy + voice_weight * the VoiceEncoder's InfoNCE
+    (+ whisper_weight * the hearing loss, SpeechLM.whisper_loss, when the batch brings Whisper targets).
 
     voice_only: the InfoNCE alone, and only the VoiceEncoder trains (a quick way to tune voice retrieval).
     autocast: None (fp32), or torch.bfloat16 / torch.float16 (--system.precision): the step's matmuls run
@@ -386,10 +431,12 @@ class SpeechLMTraining(nn.Module):
     weight of stage 1 trains, so a 16-bit copy of them would lose small updates to rounding; autocast keeps
     the fp32 master weights and casts on the fly. Norms, softmax and the losses stay fp32 either way."""
 
-    def __init__(self, speechlm, voice_weight, voice_only=False, autocast=None):
+    def __init__(self, speechlm, voice_weight, voice_only=False, autocast=None, whisper_weight=0.0,
+                 whisper_layer=4, whisper_lag=10):
         super().__init__()
         self.speechlm, self.voice_weight = speechlm, voice_weight
         self.voice_only, self.autocast = voice_only, autocast
+        self.whisper_weight, self.whisper_layer, self.whisper_lag = whisper_weight, whisper_layer, whisper_lag
         if voice_only:
             speechlm.requires_grad_(False)
             speechlm.voice.requires_grad_(True)
@@ -397,19 +444,33 @@ class SpeechLMTraining(nn.Module):
     def forward(self, **batch):
         """batch: SpeechLM.forward's arguments, and VoiceEncoder.loss's with a `voice_` prefix."""
         voice = {k.removeprefix("voice_"): v for k, v in batch.items() if k.startswith("voice_")}
-        speech = {k: v for k, v in batch.items() if not k.startswith("voice_")}
+        speech = {k: v for k, v in batch.items() if not k.startswith(("voice_", "whisper_"))}
         device_type = self.speechlm.null_voice.device.type
         with torch.autocast(device_type, self.autocast) if self.autocast else nullcontext():
             if self.voice_only:
                 return self.speechlm.voice.loss(**voice)
-            return self.speechlm(**speech) + self.voice_weight * self.speechlm.voice.loss(**voice)
+            loss = self.speechlm(**speech) + self.voice_weight * self.speechlm.voice.loss(**voice)
+            if self.whisper_weight > 0 and "whisper_features" in batch:
+                loss = loss + self.whisper_weight * self.hearing_loss(batch)
+            return loss
+
+    def hearing_loss(self, batch):
+        return self.speechlm.whisper_loss(batch["audio_in"], batch["audio_lengths"], batch["whisper_features"],
+                                          batch["whisper_lengths"], self.whisper_layer, self.whisper_lag)
 
 
 def build_speechlm(cfg, log=print):
     """A fresh SpeechLM for a Config, and the LLM's tokenizer it reads text with."""
     llm_path = resolve_checkpoint(cfg.model.llm)
     tokenizer = Tokenizer(llm_path)
-    speechlm = SpeechLM(cfg.speechlm, read_config(llm_path)["vocab_size"], n_codebooks(cfg.speechlm.bandwidth))
+    whisper_dim = 0
+    if cfg.speechlm.whisper_weight > 0:                           # the hearing loss's read-out head
+        if not 1 <= cfg.speechlm.whisper_layer <= cfg.speechlm.n_layers:
+            raise ConfigError(f"--speechlm.whisper_layer={cfg.speechlm.whisper_layer}: choose a block in "
+                              f"1..{cfg.speechlm.n_layers}")
+        whisper_dim = read_config(resolve_checkpoint(cfg.model.encoder))["d_model"]
+    speechlm = SpeechLM(cfg.speechlm, read_config(llm_path)["vocab_size"], n_codebooks(cfg.speechlm.bandwidth),
+                        whisper_dim=whisper_dim)
     n = sum(p.numel() for p in speechlm.parameters())
     log(f"SpeechLM: {cfg.speechlm.n_layers} layers x {cfg.speechlm.d_model}, {speechlm.K} codebooks, "
         f"text tokens of {llm_path.name}: {n / 1e6:.1f}M parameters")
@@ -515,8 +576,9 @@ def build_speechlm_stage(cfg, device, log=print):
         log("precision: stage 1 trains every weight and int8 is for frozen ones: running fp32")
     if dtype == torch.float16:
         log("precision: fp16 autocast, no loss scaling: very small gradients may round to 0; bf16 is safer")
-    model = SpeechLMTraining(speechlm, cfg.speechlm.voice_weight, cfg.speechlm.voice_only,
-                             autocast=dtype if dtype != torch.float32 else None)
+    sl = cfg.speechlm
+    model = SpeechLMTraining(speechlm, sl.voice_weight, sl.voice_only, dtype if dtype != torch.float32 else None,
+                             sl.whisper_weight, sl.whisper_layer, sl.whisper_lag)
     B, Bv, seed = cfg.train.batch_size, cfg.speechlm.voice_batch_size, cfg.system.seed
     audio = cfg.speechlm.voice_audio                                             # "codes" or "mel" 
 
@@ -543,11 +605,16 @@ def build_speechlm_stage(cfg, device, log=print):
             if cfg.speechlm.voice_only:                                    # no SpeechLM trained: that is all
                 net.train(was_training)
                 return metrics
-            parts = [speech_batch(test_examples[s: s + B]) for s in range(0, cfg.train.eval_samples, B)]
-            losses = [(lm(**{k: v.to(device) for k, v in p.items()}).item(),     # (mean loss, n targets)
-                       int((p["audio_targets"] != -100).sum())) for p in parts]
+            parts = [{k: v.to(device) for k, v in speech_batch(test_examples[s: s + B]).items()}
+                     for s in range(0, cfg.train.eval_samples, B)]
+            speech = lambda p: {k: v for k, v in p.items() if not k.startswith("whisper_")}   # lm's arguments
+            losses = [(lm(**speech(p)).item(), int((p["audio_targets"] != -100).sum()))     # (mean, n targets)
+                      for p in parts]
             metrics = {"code_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses),
                        "unigram_loss": unigram, **metrics}
+            if sl.whisper_weight > 0:              # share of Whisper's variance not yet heard (zeros: 1.0)
+                hearing = [net.hearing_loss(p).item() for p in parts]
+                metrics["whisper_loss"] = sum(hearing) / len(hearing)
             ratios = []
             for e in test_examples[: cfg.speechlm.eval_generate]:                     # does it speak and stop?
                 codes = lm.generate(e["text_ids"], e["desc_ids"], cfg.speechlm.max_seconds, temperature=0.8,

@@ -8,7 +8,9 @@ Lesson: how a SpeechLM over EnCodec tokens is wired, checked piece by piece (spe
   - KV-cache generation picks exactly what a full forward pass would pick greedily;
   - the tiny preset's stage 1 trains: its loss falls within a few steps; with --system.precision=bf16 its
     matmuls run in bf16 under autocast while the weights stay fp32;
-  - --speechlm.voice_only trains the VoiceEncoder alone, on codes or on log-mel (--speechlm.voice_audio).
+  - --speechlm.voice_only trains the VoiceEncoder alone, on codes or on log-mel (--speechlm.voice_audio);
+  - the hearing loss (--speechlm.whisper_weight) lines each audio-only column up with the right Whisper frame
+    (a column-by-column reference), ignores padding, and in stage 1 its targets come from the encoder cache.
 
 Run:  python -m pytest tests/test_speechlm.py
 """
@@ -20,9 +22,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+from safetensors.torch import save_file
 
 import config
+import data
 import speechlm
+import weights
 from speechlm import BOS, END, PAD, SpeechLM, apply_delay, info_nce, undo_delay
 
 
@@ -221,3 +226,77 @@ def test_voice_only_trains_the_voice_encoder_alone_on_mel_or_codes(tmp_path):
         expected = voice.loss(**{k.removeprefix("voice_"): v for k, v in batch.items()})
         assert stage.model(**batch).item() == pytest.approx(expected.item(), abs=1e-6)   # InfoNCE alone
         assert set(stage.evaluate()) == {"voice_top1"}
+
+
+# -----------------------------------------------------------------------------
+# the hearing loss: audio-only states predict Whisper's encoder frames
+
+def test_hearing_loss_matches_a_column_by_column_reference():
+    """Each clip alone, one column at a time: column j has heard codec frames < j; with lag L it predicts
+    the Whisper frame (50/s) under the centre of codec frame j - 1 - L (75/s), layer-normed. Columns whose
+    frame is before the clip, past the Whisper frames, or in the padding count for nothing."""
+    torch.manual_seed(0)
+    D, lag = 6, 2
+    lm = SpeechLM(config.get_config("tiny").speechlm, text_vocab=320, n_codebooks=2, whisper_dim=D).eval()
+    examples = [{"text_ids": torch.tensor([5]), "desc_ids": torch.tensor([1]), "description": "x",
+                 "codes": torch.randint(0, 1024, (2, frames)), "whisper": torch.randn(w_frames, D)}
+                for frames, w_frames in ((9, 6), (5, 3))]             # 5 codec frames -> 3.3 Whisper frames
+    batch = speechlm.speech_batch(examples)                           # the second row is padded
+    loss = lm.whisper_loss(batch["audio_in"], batch["audio_lengths"], batch["whisper_features"],
+                           batch["whisper_lengths"], layer=1, lag=lag)
+    total, count = 0.0, 0
+    for e in examples:
+        alone = speechlm.speech_batch([e])
+        states = lm.audio_only(alone["audio_in"], 1)[0]                             # (frames + K, C)
+        for j in range(states.size(0)):
+            frame = j - 1 - lag
+            w = int((frame + 0.5) / 75 * 50 + 1e-9)                                   # the frame's centre
+            if frame < 0 or w >= e["whisper"].size(0):
+                continue
+            target = e["whisper"][w]
+            target = (target - target.mean()) / (target.var(unbiased=False) + 1e-5).sqrt()
+            total += (lm.whisper_head(states[j]) - target).pow(2).mean().item()
+            count += 1
+    assert count == 8 + 4               # by hand: codec frames 0..7 of the first clip, 0..3 of the second
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_stage1_hearing_loss_reads_the_encoder_cache_and_learns(tmp_path):
+    """--speechlm.whisper_weight: the batch brings the cached Whisper frames of its clips, the loss adds
+    whisper_weight x the hearing loss, and targets that follow the words are learned (held-out loss < 1,
+    the score of predicting zeros)."""
+    corpus = make_coded_corpus(tmp_path)
+    words = ["red", "blue", "green", "cat", "dog", "bird"]
+    table = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))        # one vector per word
+    encoder = weights.resolve_checkpoint("tiny:whisper")                           # d_model 64
+    cache = {}
+    for split in ("train", "test"):
+        for row in data.read_manifest(corpus / f"{split}.jsonl"):
+            first, second = (words.index(w) for w in row["text"].split())
+            frames = (2 * np.load(corpus / "codes-1.5kbps" / "wav" / (row["audio"].split("/")[-1][:-4] + ".npy"))
+                      .shape[1] + 2) // 3
+            cache[row["audio"]] = torch.stack([table[first if t < frames / 2 else second]
+                                               for t in range(frames)]).half()
+    (corpus / "cache").mkdir()
+    save_file(cache, str(corpus / "cache" / f"{encoder.name}-native.safetensors"))
+    cfg = config.get_config("tiny", [f"--data.corpus={corpus}", "--train.eval_samples=4",
+                                     "--speechlm.max_seconds=0.5", "--speechlm.whisper_weight=2",
+                                     "--speechlm.whisper_lag=0"])
+    stage = speechlm.build_speechlm_stage(cfg, torch.device("cpu"), log=lambda *a: None)
+    batch = stage.batch(0)
+    assert batch["whisper_features"].shape[0] == 4 and batch["whisper_features"].shape[2] == 64
+    lm = stage.model.speechlm
+    speech = {k: v for k, v in batch.items() if not k.startswith(("voice_", "whisper_"))}
+    voice = {k.removeprefix("voice_"): v for k, v in batch.items() if k.startswith("voice_")}
+    torch.manual_seed(0)
+    parts = lm(**speech) + lm.voice.loss(**voice) + 2 * stage.model.hearing_loss(batch)
+    assert stage.model(**batch).item() == pytest.approx(parts.item(), rel=1e-5)
+    before = stage.evaluate()["whisper_loss"]
+    optimizer = torch.optim.AdamW(stage.model.parameters(), lr=3e-3)
+    for i in range(30):
+        loss = stage.model(**stage.batch(i))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = stage.evaluate()["whisper_loss"]
+    assert before == pytest.approx(1.0, abs=0.05) and after < 0.8 * before, (before, after)
