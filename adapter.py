@@ -8,9 +8,11 @@ IRA stage 2: a Perceiver adapter that turns any audio-token sequence into exactl
 The Perceiver idea (Jaegle et al. 2021; Flamingo's Perceiver Resampler, Alayrac et al. 2022; BLIP-2's
 Q-Former, Li et al. 2023): N learned latent vectors are the queries of a cross-attention whose keys and
 values are the audio states. Attention cost is N x T instead of T x T, and the output has N rows whatever T
-is, so a 1 s clip and a 10 s clip both cost the LLM exactly N positions. L self-attention blocks over the
-latents then let them exchange what they gathered; a last projection maps them to the LLM's width, at the
-scale of its token embeddings. Padded audio is masked out of the keys, so padding cannot change the output.
+is, so a 1 s clip and a 10 s clip both cost the LLM exactly N positions. Then L more blocks in which the
+latents attend to [audio ; latents] (Flamingo's resampler): each block both re-reads the audio and lets the
+latents exchange what they gathered, which beat one cross-attention followed by latent-only self-attention
+(README). A last projection maps them to the LLM's width, at the scale of its token embeddings. Padded
+audio is masked out of the keys, so padding cannot change the output.
 
 Training signal (only the adapter trains; SpeechLM and LLM are frozen):
   - cross-entropy of the LLM predicting the transcript from `[adapter vectors] [prompt]`, and
@@ -36,7 +38,7 @@ from safetensors.torch import load_file
 from config import ConfigError, choose_precision
 from data import Stage, word_error_rate
 from lora import quantize_int8_
-from model import AUDIO_MARKER, EncoderBlock, LayerNorm, RMSNorm, WhisperConfig, attention
+from model import AUDIO_MARKER, LayerNorm, RMSNorm, attention
 from speechlm import frozen_in_precision, load_examples, load_speechlm_checkpoint, pad_stack, speak
 from weights import load_llm, resolve_checkpoint
 
@@ -73,9 +75,8 @@ class PerceiverAdapter(nn.Module):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(n_latents, dim) * 0.02)          # the N learned queries
         self.in_proj = nn.Linear(d_audio, dim)
-        self.cross = CrossAttentionBlock(dim, n_heads)
-        block_cfg = WhisperConfig(d_model=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=4 * dim)
-        self.blocks = nn.ModuleList(EncoderBlock(block_cfg) for _ in range(n_layers))   # latent self-attention
+        self.cross = CrossAttentionBlock(dim, n_heads)                           # latents read the audio
+        self.blocks = nn.ModuleList(CrossAttentionBlock(dim, n_heads) for _ in range(n_layers))  # [audio; latents]
         self.out_norm = LayerNorm(dim)
         self.out_proj = nn.Linear(dim, d_llm)
         # The LLM's token embeddings have a typical size (RMS 0.136 for SmolLM2-135M): start the outputs there.
@@ -85,10 +86,13 @@ class PerceiverAdapter(nn.Module):
 
     def forward(self, states, lengths):
         B, T, _ = states.size()
-        key_mask = (torch.arange(T, device=states.device) < lengths[:, None])[:, None, None, :]   # (B, 1, 1, T)
-        x = self.cross(self.latents.expand(B, -1, -1), self.in_proj(states), key_mask)           # (B, N, dim)
+        N = self.latents.size(0)
+        audio_mask = torch.arange(T, device=states.device) < lengths[:, None]                     # (B, T)
+        both_mask = torch.cat([audio_mask, audio_mask.new_ones(B, N)], dim=1)                     # (B, T + N)
+        audio = self.in_proj(states)                                                              # (B, T, dim)
+        x = self.cross(self.latents.expand(B, -1, -1), audio, audio_mask[:, None, None, :])      # (B, N, dim)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, torch.cat([audio, x], dim=1), both_mask[:, None, None, :])
         return self.out_scale(self.out_proj(self.out_norm(x)))                                   # (B, N, d_llm)
 
 
@@ -225,7 +229,8 @@ def load_align_model(cfg, align_checkpoint, device, log=print):
     ours = model.adapter.state_dict()
     if set(tensors) != set(ours) or any(tensors[n].shape != ours[n].shape for n in ours):
         raise ConfigError(f"{file}: adapter tensors do not match the --adapter.* settings "
-                          f"(n_latents, d_model, n_layers)")
+                          f"(n_latents, d_model, n_layers), or it predates the resampler blocks: "
+                          f"run python train.py --stage=align again")
     model.adapter.load_state_dict(tensors)
     return model.eval(), tokenizer, cfg
 
