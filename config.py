@@ -123,11 +123,12 @@ class SpeechLMConfig:
                                  # log-mel, made once beside the manifest); speaking uses its text tower only
     voice_only: bool = False     # stage 1 trains only the VoiceEncoder (no SpeechLM loss): quick voice tuning
     uncond_prob: float = 0.1     # chance a training example drops its voice and text (audio-only modelling)
-    whisper_weight: float = 0.0  # weight of the hearing loss: the audio-only states of block whisper_layer
+    whisper_weight: float = 8.0  # weight of the hearing loss: the audio-only states of block whisper_layer
                                  # predict the frozen Whisper encoder's (model.encoder) output for the same
-                                 # clip, so that the adapter reads states that hear; 0 = off
+                                 # clip, so that the adapter reads states that hear; 0 = off (README: 2, 8, 32)
     whisper_layer: int = 4       # the block that learns to hear (the adapter reads it: adapter.speechlm_layer)
-    whisper_lag: int = 10        # codec frames (75/s) a causal state may hear past the Whisper frame it predicts
+    whisper_lag: int = 25        # codec frames (75/s) a causal state may hear past the Whisper frame it predicts
+                                 # (25 = 1/3 s; 10 measured a little worse)
     eval_generate: int = 2       # held-out texts spoken at each evaluation (length check); 0 = none
 
 
@@ -135,7 +136,7 @@ class SpeechLMConfig:
 class AdapterConfig:
     # IRA stage 2: Perceiver adapter from SpeechLM states to N LLM embeddings (adapter.py).
     n_latents: int = 32          # N: how many LLM embeddings any audio becomes
-    n_layers: int = 2            # self-attention blocks over the latents after the cross-attention
+    n_layers: int = 2            # blocks after the first cross-attention: latents attend to [audio ; latents]
     distill_weight: float = 1.0  # weight of the KL(teacher-with-transcript || student-with-adapter) term
     d_model: int = 512           # width of the latents inside the adapter
     n_heads: int = 8             # attention heads of the adapter's cross- and self-attention
@@ -215,7 +216,8 @@ PRESETS = {
         train=dict(batch_size=4, max_steps=30, lr=1e-2, warmup_steps=3, eval_every=0,
                    eval_samples=4, save_every=1000, log_every=5),
         speechlm=dict(d_model=64, n_layers=2, n_heads=4, ffn_dim=128, voice_dim=32, voice_layers=1,
-                      voice_batch_size=8, max_seconds=4.0, eval_generate=1, whisper_layer=1),
+                      voice_batch_size=8, max_seconds=4.0, eval_generate=1, whisper_layer=1,
+                      whisper_weight=0.0),   # tests' corpora are codes only; the hearing loss has its own test
         adapter=dict(n_latents=8, n_layers=1, d_model=64, n_heads=4, speechlm_layer=1, eval_generate=1),
         rl=dict(iterations=2, prompts_per_iteration=2, samples_per_prompt=2, max_seconds=0.2, minibatch_size=2,
                 lr=1e-3, eval_prompts=2),

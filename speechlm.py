@@ -348,10 +348,10 @@ def describe(row):
     return describe_voice(row["voice"])
 
 
-def load_examples(manifest_path, cfg, tokenizer, log=print):
+def load_examples(manifest_path, cfg, tokenizer, log=print, hearing=False):
     """The transcribe rows of a manifest with their codes (encoded now if not yet on disk) and token ids,
-    and with --speechlm.voice_audio=mel their log-mel (also made once). Clips longer than
-    speechlm.max_seconds are left out."""
+    with --speechlm.voice_audio=mel their log-mel (also made once), and with `hearing` (stage 1 with the
+    hearing loss on) their Whisper encoder frames. Clips longer than speechlm.max_seconds are left out."""
     rows = [r for r in read_manifest(manifest_path) if r["task"] == "transcribe"]
     encode_manifest_codes(manifest_path, cfg.speechlm.bandwidth, cfg.speechlm.codec, log)
     codes, info = read_codes(manifest_path, [r["audio"] for r in rows], cfg.speechlm.bandwidth)
@@ -360,7 +360,7 @@ def load_examples(manifest_path, cfg, tokenizer, log=print):
         encode_manifest_mels(manifest_path, log)
         mels = read_mels(manifest_path, [r["audio"] for r in rows])                  # each (80, frames)
     whisper = [None] * len(rows)
-    if cfg.speechlm.whisper_weight > 0:                           # the hearing loss's targets
+    if hearing:                                                   # the hearing loss's targets
         features = whisper_features(cfg, Path(manifest_path).parent, rows, log)
         whisper = [features[r["audio"]] for r in rows]                               # each (frames, D)
     max_frames = int(cfg.speechlm.max_seconds * CODEC_FRAME_RATE)
@@ -569,8 +569,9 @@ def build_speechlm_stage(cfg, device, log=print):
     SpeechLMTraining; int8 quantizes frozen weights only, and stage 1 has none, so it runs fp32."""
     speechlm, tokenizer = build_speechlm(cfg, log)
     corpus = Path(cfg.data.corpus)
-    train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log)
-    test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log)
+    hearing = cfg.speechlm.whisper_weight > 0
+    train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log, hearing)
+    test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log, hearing)
     dtype, int8 = choose_precision(cfg.system.precision, device, log=lambda *a: None)   # train.py said which
     if int8:
         log("precision: stage 1 trains every weight and int8 is for frozen ones: running fp32")
