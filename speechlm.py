@@ -493,6 +493,7 @@ def load_speechlm_checkpoint(path, cfg, log=print):
                 raise ConfigError(f"{path}: trained with --speechlm.voice_only=True, so it holds the "
                                   f"VoiceEncoder alone; {fix}")
             saved["speechlm"].setdefault("voice_audio", "codes")           # written before voice_audio existed
+            saved["speechlm"].setdefault("whisper_weight", 0.0)            # before the hearing loss: no head
             cfg = replace(cfg, speechlm=replace(cfg.speechlm, **saved["speechlm"]))
             break
     speechlm, tokenizer = build_speechlm(cfg, log)
