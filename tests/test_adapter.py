@@ -9,9 +9,11 @@ Lesson: a Perceiver adapter turns audio of any length into exactly N LLM vectors
   - a missing stage-1 checkpoint is one clear error line;
   - the tiny preset's stage 2 trains: with SpeechLM and LLM frozen, only the adapter learns, and its loss falls.
   - --system.precision reaches the frozen parts (bf16 weights, or int8 Linear layers); the adapter stays fp32.
+  - stage-1 checkpoints load with their hearing-loss head, and those from before the hearing loss without one.
 
 Run:  python -m pytest tests/test_adapter.py
 """
+import json
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,3 +127,25 @@ def test_stage2_precision_applies_to_the_frozen_parts(tmp_path):
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.adapter.parameters())
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2) and losses["bf16"] != losses["fp32"]
     assert losses["int8"] == pytest.approx(losses["fp32"], rel=2e-2) and losses["int8"] != losses["fp32"]
+
+
+def test_stage1_checkpoints_with_and_from_before_the_hearing_loss_load(tmp_path):
+    """A stage-1 run with the hearing loss saves its Whisper head, and loads back with it; a config.json
+    written before the hearing loss existed has no whisper_weight, so it loads with the loss off (no head),
+    whatever the current default."""
+    cfg = config.get_config("tiny", ["--speechlm.whisper_weight=2"])
+    for name, with_head in (("hearing", True), ("before", False)):
+        c = cfg if with_head else config.get_config("tiny")
+        lm, _ = speechlm.build_speechlm(c, log=lambda *a: None)
+        assert (lm.whisper_head is not None) == with_head
+        (tmp_path / name / "ckpt").mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in speechlm.SpeechLMTraining(lm, 1.0).state_dict().items()},
+                  str(tmp_path / name / "ckpt" / "model.safetensors"))
+        saved = c.to_dict()
+        if not with_head:
+            del saved["speechlm"]["whisper_weight"]
+        (tmp_path / name / "config.json").write_text(json.dumps(saved))
+        loaded, _, loaded_cfg = speechlm.load_speechlm_checkpoint(tmp_path / name, cfg, log=lambda *a: None)
+        assert (loaded.whisper_head is not None) == with_head
+        assert torch.equal(loaded.heads[0].weight, lm.heads[0].weight)
+        assert loaded_cfg.speechlm.whisper_weight == (2.0 if with_head else 0.0)
