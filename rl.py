@@ -177,10 +177,12 @@ def columns_to_codes(columns, ended):
 
 def choose_prompts(prompts, n_prompts, samples_per_prompt, generator):
     """n_prompts prompts with as many text tokens as a random one, each repeated samples_per_prompt times
-    in a row: n_prompts * samples_per_prompt prompts, grouped by prompt."""
-    first = prompts[int(torch.randint(len(prompts), (1,), generator=generator))]
+    in a row: n_prompts * samples_per_prompt prompts, grouped by prompt. The draws are made on the
+    generator's own device (torch refuses a CUDA generator for a CPU tensor)."""
+    device = generator.device
+    first = prompts[int(torch.randint(len(prompts), (1,), generator=generator, device=device))]
     bucket = [p for p in prompts if len(p["text_ids"]) == len(first["text_ids"])]
-    picks = torch.randint(len(bucket), (n_prompts,), generator=generator).tolist()
+    picks = torch.randint(len(bucket), (n_prompts,), generator=generator, device=device).tolist()
     return [bucket[i] for i in picks for _ in range(samples_per_prompt)]
 
 

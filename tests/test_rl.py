@@ -241,3 +241,17 @@ def test_missing_or_mismatched_checkpoint_is_one_clear_error(checkpoints, tmp_pa
     assert "drop --resume" in error_of("--resume")
     (checkpoints[1] / "ckpt" / "model.safetensors").unlink()                       # stage 1 gone
     assert "--stage=speechlm" in error_of()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a CUDA generator needs a CUDA GPU"))])
+def test_choose_prompts_groups_equal_lengths_on_the_generators_device(device):
+    """Rollouts draw their prompts with the run's generator, which lives on the run's device (a CUDA
+    generator once failed here: torch.randint made a CPU tensor with it). Each chosen prompt comes
+    samples_per_prompt times in a row, and all have the text length of the first one drawn."""
+    prompts = [{"text_ids": torch.zeros(n), "id": i} for i, n in enumerate([3, 5, 3, 5, 3, 4, 5, 3])]
+    generator = torch.Generator(device).manual_seed(0)
+    for _ in range(5):
+        chosen = rl.choose_prompts(prompts, n_prompts=3, samples_per_prompt=2, generator=generator)
+        assert len(chosen) == 6 and len({len(p["text_ids"]) for p in chosen}) == 1
+        assert all(chosen[2 * i] is chosen[2 * i + 1] for i in range(3))
