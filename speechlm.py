@@ -348,10 +348,11 @@ def describe(row):
     return describe_voice(row["voice"])
 
 
-def load_examples(manifest_path, cfg, tokenizer, log=print, hearing=False):
+def load_examples(manifest_path, cfg, tokenizer, log=print, whisper=None):
     """The transcribe rows of a manifest with their codes (encoded now if not yet on disk) and token ids,
-    with --speechlm.voice_audio=mel their log-mel (also made once), and with `hearing` (stage 1 with the
-    hearing loss on) their Whisper encoder frames. Clips longer than speechlm.max_seconds are left out."""
+    with --speechlm.voice_audio=mel their log-mel (also made once), and with `whisper` ({audio path: Whisper
+    encoder frames}, whisper_features: the hearing loss's targets) their frames. Clips longer than
+    speechlm.max_seconds are left out."""
     rows = [r for r in read_manifest(manifest_path) if r["task"] == "transcribe"]
     encode_manifest_codes(manifest_path, cfg.speechlm.bandwidth, cfg.speechlm.codec, log)
     codes, info = read_codes(manifest_path, [r["audio"] for r in rows], cfg.speechlm.bandwidth)
@@ -359,27 +360,28 @@ def load_examples(manifest_path, cfg, tokenizer, log=print, hearing=False):
     if cfg.speechlm.voice_audio == "mel":                         # what the VoiceEncoder's audio tower hears
         encode_manifest_mels(manifest_path, log)
         mels = read_mels(manifest_path, [r["audio"] for r in rows])                  # each (80, frames)
-    whisper = [None] * len(rows)
-    if hearing:                                                   # the hearing loss's targets
-        features = whisper_features(cfg, Path(manifest_path).parent, rows, log)
-        whisper = [features[r["audio"]] for r in rows]                               # each (frames, D)
+    frames = [whisper[r["audio"]] if whisper else None for r in rows]                # each (frames, D)
     max_frames = int(cfg.speechlm.max_seconds * CODEC_FRAME_RATE)
     examples = [{"text": r["text"], "description": describe(r), "codes": c,
                  "text_ids": torch.tensor(tokenizer.encode(r["text"])[:64]),
                  "desc_ids": torch.tensor(tokenizer.encode(describe(r))[:64]),
                  **({"mel": m} if m is not None else {}), **({"whisper": w} if w is not None else {})}
-                for r, c, m, w in zip(rows, codes, mels, whisper) if c.size(1) <= max_frames]
+                for r, c, m, w in zip(rows, codes, mels, frames) if c.size(1) <= max_frames]
     log(f"{manifest_path}: {len(examples)} clips ({len(rows) - len(examples)} longer than "
         f"{cfg.speechlm.max_seconds} s left out), codes by {info['codec']} ({info['fingerprint']})")
     return examples, info
 
 
-def whisper_features(cfg, corpus, rows, log=print):
-    """{audio path: the frozen Whisper encoder's (model.encoder) output (frames, D) fp16} for the rows'
-    clips, the hearing loss's targets. Computed once into <corpus>/cache/<encoder>-native.safetensors, the
-    audio LM's own encoder cache (train.py --stage=asr): whichever stage runs first fills it for both."""
+def whisper_features(cfg, log=print):
+    """{audio path: the frozen Whisper encoder's (model.encoder) output (frames, D) fp16} for the transcribe
+    clips of the corpus's train and test manifests, the hearing loss's targets. Computed once into
+    <corpus>/cache/<encoder>-native.safetensors, the audio LM's own encoder cache (train.py --stage=asr):
+    whichever stage runs first fills it for both."""
+    corpus = Path(cfg.data.corpus)
+    rows = [r for split in ("train", "test") for r in read_manifest(corpus / f"{split}.jsonl")
+            if r["task"] == "transcribe"]
     path = resolve_checkpoint(cfg.model.encoder)
-    cache = Path(corpus) / "cache" / f"{path.name}-native.safetensors"
+    cache = corpus / "cache" / f"{path.name}-native.safetensors"
     log(f"hearing loss: targets from {path.name}, cached in {cache}")
     teacher = AudioLM(load_whisper_encoder(path), projector=None, llm=None, tokenizer=None)   # mel + encode
     return encoder_features(teacher, rows, cache)
@@ -432,7 +434,7 @@ class SpeechLMTraining(nn.Module):
     the fp32 master weights and casts on the fly. Norms, softmax and the losses stay fp32 either way."""
 
     def __init__(self, speechlm, voice_weight, voice_only=False, autocast=None, whisper_weight=0.0,
-                 whisper_layer=4, whisper_lag=10):
+                 whisper_layer=4, whisper_lag=25):
         super().__init__()
         self.speechlm, self.voice_weight = speechlm, voice_weight
         self.voice_only, self.autocast = voice_only, autocast
@@ -570,9 +572,9 @@ def build_speechlm_stage(cfg, device, log=print):
     SpeechLMTraining; int8 quantizes frozen weights only, and stage 1 has none, so it runs fp32."""
     speechlm, tokenizer = build_speechlm(cfg, log)
     corpus = Path(cfg.data.corpus)
-    hearing = cfg.speechlm.whisper_weight > 0
-    train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log, hearing)
-    test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log, hearing)
+    whisper = whisper_features(cfg, log) if cfg.speechlm.whisper_weight > 0 else None   # one cache read
+    train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log, whisper)
+    test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log, whisper)
     dtype, int8 = choose_precision(cfg.system.precision, device, log=lambda *a: None)   # train.py said which
     if int8:
         log("precision: stage 1 trains every weight and int8 is for frozen ones: running fp32")

@@ -24,11 +24,14 @@ import adapter
 import speechlm
 import train
 
+whisper = {}           # audio path -> Whisper frames (W, D), read once for both manifests
 frames_by_codes = {}   # the bytes of a clip's codes (K, T) -> its layer-normed Whisper frames (W, D)
 
 
 def load_examples_with_whisper(manifest_path, cfg, tokenizer, log=print):
-    examples, info = speechlm.load_examples(manifest_path, cfg, tokenizer, log, hearing=True)
+    if not whisper:
+        whisper.update(speechlm.whisper_features(cfg, log))
+    examples, info = speechlm.load_examples(manifest_path, cfg, tokenizer, log, whisper)
     for e in examples:
         w = e["whisper"].float()
         if w.size(1) != cfg.speechlm.d_model:
