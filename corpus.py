@@ -21,6 +21,7 @@ Run:
     python corpus.py --out corpus --n-train 2400 --n-test 300 --seed 0     # apt-get install espeak-ng flite
     python corpus.py --out corpus-questions --n-train 8000 --n-test 0 --categories question \
         --exclude corpus/test.jsonl --seed 1
+    python corpus.py --out corpus-big --n-train 10000 --test-from corpus --seed 1   # more speech, same test
 
 References: espeak-ng (github.com/espeak-ng/espeak-ng), Flite (Black & Lenzo, 2001); natural-language voice
 descriptions as in Parler-TTS (Lyth & King, "Natural language guidance of high-fidelity text-to-speech with
@@ -387,7 +388,7 @@ def chosen_rules(categories=None, templates=None):
 
 
 def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_fraction=0.15, engines=None,
-                progress=True, categories=None, templates=None, exclude=()):
+                progress=True, categories=None, templates=None, exclude=(), test_from=None):
     """Write out_dir/{train,test}/NNNNNN.wav, out_dir/{train,test}.jsonl and out_dir/corpus.json.
 
     n_train, n_test: utterances (audio files) per split. Each utterance gives a transcribe row; a question
@@ -397,6 +398,9 @@ def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_f
     categories: draw only these (e.g. ["question"] for a corpus of spoken questions), None = all.
     templates: a regular expression; draw only from templates whose pattern it matches ("plus|minus").
     exclude: sentences never to draw, e.g. another corpus's test split (see `manifest_sentences`).
+    test_from: another corpus folder whose test split (audio and manifest) this one reuses instead of drawing
+        its own (n_test must be 0), with its sentences excluded: a larger training set measured on the very
+        same held-out clips.
     The same seed and the same engine versions give byte-identical files.
     Returns {"train": rows, "test": rows} as written (audio paths relative to out_dir; read_manifest gives
     absolute ones).
@@ -405,6 +409,10 @@ def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_f
         raise ValueError(f"n_train and n_test must be >= 0, got {n_train} and {n_test}")
     rules, weights = chosen_rules(categories, templates)
     exclude = set(exclude)
+    if test_from is not None:
+        if n_test:
+            raise ValueError(f"test_from={test_from} brings its own test split: ask for n_test=0, not {n_test}")
+        exclude |= manifest_sentences(Path(test_from) / "test.jsonl")
     available = (GRAMMAR_SIZE if len(rules) == len(TEMPLATES) and not exclude else
                  sum(s.text not in exclude for s in all_sentences(rules)))
     if n_train + n_test > available:  # every utterance is a different sentence
@@ -464,8 +472,13 @@ def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_f
             rows[item["split"]].append(row)
     for split in rows:
         write_manifest(out_dir / f"{split}.jsonl", rows[split])
+    if test_from is not None:                      # the other corpus's clips, copied (not linked: portable)
+        shutil.copytree(Path(test_from) / "test", out_dir / "test", dirs_exist_ok=True)
+        shutil.copyfile(Path(test_from) / "test.jsonl", out_dir / "test.jsonl")
+        rows["test"] = [json.loads(line) for line in (out_dir / "test.jsonl").read_text().splitlines() if line]
     meta = {"seed": seed, "n_train": n_train, "n_test": n_test, "continue_fraction": continue_fraction,
             "categories": sorted(weights), "templates": templates, "excluded_sentences": len(exclude),
+            "test_from": None if test_from is None else str(test_from),
             "engines": {engine: _engine_version(engine) for engine in engines},
             "test_voices": sorted(f"{e}:{v}" for e, v in TEST_VOICES if e in engines)}
     (out_dir / "corpus.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -487,23 +500,31 @@ def main(argv=None):
                                                  "espeak-ng (+ flite), as WAV files and JSONL manifests")
     parser.add_argument("--out", default="corpus", help="output folder")
     parser.add_argument("--n-train", type=int, default=2000, help="training utterances")
-    parser.add_argument("--n-test", type=int, default=300, help="test utterances (unseen voices)")
+    parser.add_argument("--n-test", type=int, default=None, help="test utterances (unseen voices); default "
+                        "300, or 0 with --test-from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="parallel synthesizer processes")
     parser.add_argument("--categories", nargs="+", help=f"only these, of {', '.join(CATEGORY_WEIGHTS)}")
     parser.add_argument("--templates", metavar="REGEX", help="only templates matching this, e.g. 'plus|minus'")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="MANIFEST",
                         help="never speak a sentence these manifests speak (e.g. corpus/test.jsonl)")
+    parser.add_argument("--test-from", metavar="CORPUS", help="reuse this corpus's test split (audio and "
+                        "manifest) and keep its sentences out of training, e.g. --test-from corpus")
     args = parser.parse_args(argv)
+    if args.n_test is None:
+        args.n_test = 0 if args.test_from else 300
     try:
         exclude = set().union(*(manifest_sentences(m) for m in args.exclude))
         rows = make_corpus(args.out, args.n_train, args.n_test, args.seed, workers=args.workers,
-                           categories=args.categories, templates=args.templates, exclude=exclude)
+                           categories=args.categories, templates=args.templates, exclude=exclude,
+                           test_from=args.test_from)
     except (ValueError, OSError, RuntimeError) as err:  # user errors: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     n_rows = len(rows["train"]) + len(rows["test"])
-    print(f"wrote {args.n_train} + {args.n_test} utterances ({n_rows} manifest rows) to {args.out}/")
+    n_test = len({r["audio"] for r in rows["test"]})
+    print(f"wrote {args.n_train} + {n_test} utterances ({n_rows} manifest rows) to {args.out}/"
+          + (f" (test split: {args.test_from}'s)" if args.test_from else ""))
 
 
 if __name__ == "__main__":

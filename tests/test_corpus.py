@@ -227,6 +227,20 @@ def test_a_corpus_of_chosen_templates_keeps_out_another_test_split(tiny_corpus, 
                          templates=r"\bplus\b", exclude=exclude, progress=False)
 
 
+@needs_espeak
+def test_a_bigger_corpus_reuses_another_test_split(tiny_corpus, tmp_path):
+    # --test-from: more training speech, measured on the very same held-out clips
+    corpus.make_corpus(tmp_path / "big", n_train=8, n_test=0, seed=5, progress=False, test_from=tiny_corpus)
+    corpus.make_corpus(tmp_path / "plain", n_train=8, n_test=0, seed=5, progress=False,
+                       exclude=corpus.manifest_sentences(tiny_corpus / "test.jsonl"))
+    big, old = tree(tmp_path / "big"), tree(tiny_corpus)
+    assert {k: v for k, v in big.items() if k.startswith("test")} == \
+        {k: v for k, v in old.items() if k.startswith("test")}              # 4 wavs and test.jsonl, same bytes
+    assert big["train.jsonl"] == tree(tmp_path / "plain")["train.jsonl"]    # = excluding those sentences
+    with pytest.raises(ValueError, match="n_test=0"):
+        corpus.make_corpus(tmp_path / "x", n_train=2, n_test=1, progress=False, test_from=tiny_corpus)
+
+
 def test_manifest_sentences_rejoins_halves(tmp_path):
     rows = [{"audio": "a.wav", "text": "turn on the", "task": "continue", "response": "kitchen lights"},
             {"audio": "b.wav", "text": "what is two plus two", "task": "instruct", "response": "four"}]
