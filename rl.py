@@ -308,27 +308,35 @@ def clipped_value_loss(values, old_values, returns, mask, clip):
 
 @torch.no_grad()
 def evaluate(policy, reference, prompts, score, cfg, seed):
-    """One sample per held-out prompt, seeded (before and after RL draw the same random numbers): the judge's
-    reward, the exact KL to the reference per column, and the length of the speech."""
+    """rl.eval_samples seeded samples per held-out prompt (before and after RL draw the same random numbers):
+    the judge's reward (per prompt, the mean over its samples), the exact KL to the reference per column,
+    and the length of the speech."""
     device, max_frames = policy.value_head.weight.device, int(cfg.rl.max_seconds * CODEC_FRAME_RATE)
+    n = cfg.rl.eval_samples
     generator, by_length = torch.Generator(device).manual_seed(seed), {}
-    for p in prompts:                                                               # equal text length batches
-        by_length.setdefault(len(p["text_ids"]), []).append(p)
+    for i, p in enumerate(prompts):                                                 # equal text length batches
+        by_length.setdefault(len(p["text_ids"]), []).extend([(i, p)] * n)
     codes, ordered, kl, steps = [], [], 0.0, 0.0
     for group in [g[i: i + 16] for g in by_length.values() for i in range(0, len(g), 16)]:
-        columns, ended, _ = sample_rollouts(policy.speechlm, group, max_frames, cfg.rl.temperature, generator)
-        batch = rollout_batch(group, columns, ended, max_frames)
+        group_prompts = [p for _, p in group]
+        columns, ended, _ = sample_rollouts(policy.speechlm, group_prompts, max_frames, cfg.rl.temperature,
+                                            generator)
+        batch = rollout_batch(group_prompts, columns, ended, max_frames)
         full = policy_outputs(policy.speechlm, batch, cfg.rl.temperature)[3]
         full_ref = policy_outputs(reference, batch, cfg.rl.temperature)[3]
         kl += float((exact_kl(full, full_ref, batch["free"]) * batch["mask"]).sum())
         steps += float(batch["mask"].sum())
         codes, ordered = codes + columns_to_codes(columns, ended), ordered + group
-    scores = score(codes, ordered)
+    scores = score(codes, [p for _, p in ordered])
+    which = torch.tensor([i for i, _ in ordered])                                   # sample -> its prompt
+    per_prompt = {k: torch.zeros(len(prompts)).index_add_(0, which, v.float().cpu()) / n
+                  for k, v in scores.items()}
     frames = sum(c.size(1) for c in codes) / len(codes)
-    metrics = {"eval_reward": scores["reward"].mean().item(), "eval_reward_std": scores["reward"].std().item(),
-               "eval_kl": kl / steps, "eval_seconds": frames / CODEC_FRAME_RATE}
-    metrics.update({f"eval_{k}": v.mean().item() for k, v in scores.items() if k != "reward"})
-    metrics["eval_rewards"] = [round(r, 5) for r in scores["reward"].tolist()]    # per prompt, a fixed order
+    reward = per_prompt["reward"]
+    metrics = {"eval_reward": reward.mean().item(), "eval_reward_std": reward.std().item(), "eval_kl": kl / steps,
+               "eval_seconds": frames / CODEC_FRAME_RATE}
+    metrics.update({f"eval_{k}": v.mean().item() for k, v in per_prompt.items() if k != "reward"})
+    metrics["eval_rewards"] = [round(r, 5) for r in reward.tolist()]              # per prompt, a fixed order
     return metrics
 
 
@@ -399,8 +407,8 @@ def train_rl(cfg, policy, reference, train_prompts, score, out_dir, eval_prompts
         metrics = evaluate(policy, reference, eval_prompts, score, cfg, cfg.system.seed + 1)
         row = {"iteration": iteration, **metrics, "eval_wall_s": round(time.time() - t0, 2)}
         log(f"held-out at iteration {iteration}: judge reward {row['eval_reward']:.4f} (std "
-            f"{row['eval_reward_std']:.4f} over {len(eval_prompts)} prompts), KL to reference "
-            f"{row['eval_kl']:.4f} nats/column, {row['eval_seconds']:.2f} s of speech")
+            f"{row['eval_reward_std']:.4f} over {len(eval_prompts)} prompts x {r.eval_samples}), KL to "
+            f"reference {row['eval_kl']:.4f} nats/column, {row['eval_seconds']:.2f} s of speech")
         write(row)
 
     if eval_prompts and start == 0:

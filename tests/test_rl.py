@@ -139,6 +139,24 @@ def test_batched_sampling_equals_generate_and_the_teacher_forced_pass(warm_speec
     assert ((log_prob != 0) == batch["mask"].bool()).all()                          # every real step acted
 
 
+def test_held_out_reward_is_each_prompts_mean_over_its_samples(warm_speechlm):
+    cfg = config.get_config("tiny", ["--rl.max_seconds=0.2", "--rl.eval_samples=3"])
+    policy = rl.Policy(SpeechLM(cfg.speechlm, text_vocab=320, n_codebooks=2))
+    policy.speechlm.load_state_dict(warm_speechlm.state_dict())
+    prompts, judged = toy_prompts(5), []                                            # text lengths 3, 4, 3, 4, 3
+
+    def length_and_chosen(codes, asked):                                            # a score that varies per sample
+        judged.extend(zip([c.size(1) + (c == CHOSEN).sum().item() for c in codes], asked))
+        return {"reward": torch.tensor([float(r) for r, _ in judged[-len(codes):]])}
+    metrics = rl.evaluate(policy, warm_speechlm, prompts, length_and_chosen, cfg, seed=0)
+    assert len(judged) == 15
+    for p, got in zip(prompts, metrics["eval_rewards"]):
+        mine = [r for r, q in judged if q is p]
+        assert len(mine) == 3 and got == pytest.approx(sum(mine) / 3, abs=1e-5)
+    assert len({r for r, _ in judged}) > 1                                          # the samples do differ
+    assert metrics["eval_reward"] == pytest.approx(sum(metrics["eval_rewards"]) / 5, abs=1e-4)
+
+
 def run_toy(lm, tmp_path, *overrides):
     cfg = config.get_config("tiny", ["--rl.iterations=10", "--rl.max_seconds=0.2", "--rl.lr=3e-3",
                                      "--rl.epochs=4", "--rl.prompts_per_iteration=2",
