@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from config import ConfigError, choose_precision
-from data import Stage, word_error_rate
+from data import Stage, normalize_text, word_error_rate
 from lora import quantize_int8_
 from model import AUDIO_MARKER, LayerNorm, RMSNorm, attention
 from speechlm import frozen_in_precision, load_examples, load_speechlm_checkpoint, pad_stack, speak
@@ -244,6 +244,16 @@ def pipeline(align_model, codec, text, description=None, prompt=None, max_second
     return waveform, align_model.transcribe(codes.cpu(), prompt, max_new_tokens)
 
 
+def transcript_metrics(said, heard):
+    """The WER over a set of clips, with two companions that say what carries it: the WER of the middle
+    clip, and the share of answers more than twice as long as their transcript (an answer that runs on
+    adds up to 48 insertions, so a few of them can outweigh many good answers)."""
+    per_clip = sorted(word_error_rate([r], [h]) for r, h in zip(said, heard))
+    n_words = lambda text: len(normalize_text(text).split())
+    return {"wer": word_error_rate(said, heard), "wer_median": per_clip[len(per_clip) // 2],
+            "long_answers": sum(n_words(h) > 2 * n_words(r) for r, h in zip(said, heard)) / len(said)}
+
+
 def build_align_stage(cfg, device, log=print):
     """Stage 2: SpeechLM (from stage 1) and LLM frozen; the Perceiver adapter learns to speak LLM."""
     model, tokenizer, cfg = build_align_model(cfg, device, log)
@@ -268,7 +278,7 @@ def build_align_stage(cfg, device, log=print):
             losses = [net(**{k: v.to(device) for k, v in p.items()}).item() for p in parts]
             heard = [net.transcribe(e["codes"]) for e in held_out]
             metrics = {"test_loss": sum(losses) / len(losses),
-                       "wer": word_error_rate([e["text"] for e in held_out], heard)}
+                       **transcript_metrics([e["text"] for e in held_out], heard)}
             if cfg.adapter.eval_generate:
                 metrics["generated_said"], metrics["generated_wer"] = judge_generated(
                     net, test_examples[: cfg.adapter.eval_generate], cfg)

@@ -96,7 +96,17 @@ def test_tiny_stage2_trains_only_the_adapter_and_loss_falls(tmp_path):
     # vector on), so the fall is small here; with SmolLM2-135M, 260 steps took the loss from 9.7 to 6.0.
     assert after < before - 0.05, (before, after)
     metrics = stage.evaluate()
-    assert {"test_loss", "wer", "generated_said"} <= set(metrics)
+    assert {"test_loss", "wer", "wer_median", "long_answers", "generated_said"} <= set(metrics)
+
+
+def test_transcript_metrics_by_hand():
+    said = ["turn on the lights", "what time is it", "seven", "play some music now"]
+    heard = ["turn on the lights", "what time is", "seven seven seven", "play some music now please"]
+    # per clip: 0/4, 1/4 (a deletion), 2/1 (two insertions), 1/4 (one insertion); sorted 0, .25, .25, 2
+    metrics = adapter.transcript_metrics(said, heard)
+    assert metrics["wer"] == pytest.approx((0 + 1 + 2 + 1) / 13)
+    assert metrics["wer_median"] == pytest.approx(0.25)
+    assert metrics["long_answers"] == pytest.approx(1 / 4)             # "seven seven seven": 3 > 2 x 1 words
 
 
 def test_stage2_precision_applies_to_the_frozen_parts(tmp_path):
