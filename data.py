@@ -636,7 +636,7 @@ class Codec:
         digest = hashlib.sha256()
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     @torch.inference_mode()
@@ -737,11 +737,14 @@ def _save_npy(path, array):
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print, codec=None):
+def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print, codec=None, device="cpu"):
     """Encode every clip of a manifest once into `codes-<bandwidth>kbps/<audio path>.npy` (int16, (K, T))
     beside it, with `codec.json` saying which codec weights made them. Clips already encoded are skipped.
     An untrained codec fits its codebooks on this manifest's first clips and saves them there (so the next
-    manifest of the corpus reuses them). Refuses to add codes from other weights to a folder."""
+    manifest of the corpus reuses them). Refuses to add codes from other weights to a folder.
+    device: where the codec runs (a GPU, where there is one: 2 CPU cores take ~0.5 s a clip, an hour for
+    10,000); a near-tie between two code vectors may round differently there, so a GPU's codes need not
+    match a CPU's bit for bit."""
     manifest_path = Path(manifest_path)
     root, codes_dir = manifest_path.parent.resolve(), codes_dir_for(manifest_path, bandwidth)
     audio_paths = list(dict.fromkeys(row["audio"] for row in read_manifest(manifest_path)))   # unique
@@ -777,11 +780,16 @@ def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print,
     if todo:
         log(f"encoding {len(todo)} clips of {manifest_path} with {codec.name} at {bandwidth} kbps "
             f"-> {codes_dir}")
-    for i, path in enumerate(todo):
-        codes = codec.encode(load_audio(path, sr=CODEC_SAMPLE_RATE))                  # (K, T)
-        _save_npy(codes_path(codes_dir, path, root), codes.numpy().astype(np.int16))  # 10-bit codes fit int16
-        if (i + 1) % 200 == 0:
-            log(f"  {i + 1}/{len(todo)} clips encoded")
+    home = next(codec.model.parameters()).device
+    codec.model.to(device)
+    try:
+        for i, path in enumerate(todo):
+            codes = codec.encode(load_audio(path, sr=CODEC_SAMPLE_RATE).to(device)).cpu()    # (K, T)
+            _save_npy(codes_path(codes_dir, path, root), codes.numpy().astype(np.int16))  # 10-bit codes: int16
+            if (i + 1) % 200 == 0:
+                log(f"  {i + 1}/{len(todo)} clips encoded")
+    finally:
+        codec.model.to(home)                       # a codec passed in goes back where it came from
     return codes_dir
 
 

@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from config import ConfigError, choose_precision
+from config import ConfigError, choose_device, choose_precision
 from corpus import describe_voice
 from data import (CODEBOOK_SIZE, CODEC_FRAME_RATE, MEL_BINS, MEL_FRAME_RATE, Stage, encode_manifest_codes,
                   encode_manifest_mels, encoder_features, n_codebooks, read_codes, read_manifest, read_mels)
@@ -354,7 +354,8 @@ def load_examples(manifest_path, cfg, tokenizer, log=print, whisper=None):
     encoder frames}, whisper_features: the hearing loss's targets) their frames. Clips longer than
     speechlm.max_seconds are left out."""
     rows = [r for r in read_manifest(manifest_path) if r["task"] == "transcribe"]
-    encode_manifest_codes(manifest_path, cfg.speechlm.bandwidth, cfg.speechlm.codec, log)
+    device = "cuda" if choose_device(cfg.system.device, log=lambda *a: None).type == "cuda" else "cpu"
+    encode_manifest_codes(manifest_path, cfg.speechlm.bandwidth, cfg.speechlm.codec, log, device=device)
     codes, info = read_codes(manifest_path, [r["audio"] for r in rows], cfg.speechlm.bandwidth)
     mels = [None] * len(rows)
     if cfg.speechlm.voice_audio == "mel":                         # what the VoiceEncoder's audio tower hears

@@ -417,6 +417,28 @@ def test_untrained_codec_tokenizes_and_refuses_to_mix(tmp_path):
         data.encode_manifest_codes(tmp_path / "m.jsonl", 1.5, "", log=lambda *a: None)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_codes_made_on_a_device_are_the_cpus(tmp_path, device):
+    t = torch.arange(int(0.5 * 16000)) / 16000
+    for i, f in enumerate((220.0, 660.0)):
+        data.save_wav(tmp_path / f"{i}.wav", 0.4 * torch.sin(2 * math.pi * f * t * (1 + t)), 16000)
+    rows = "".join(json.dumps({"audio": f"{i}.wav", "text": "x"}) + "\n" for i in (0, 1))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "m.jsonl").write_text(rows.replace('"audio": "', '"audio": "../'))
+    codec = data.load_codec("", 1.5, log=lambda *a: None)                  # untrained: codebooks fitted on "a"
+    data.encode_manifest_codes(tmp_path / "a" / "m.jsonl", 1.5, "", log=lambda *a: None, codec=codec)
+    data.encode_manifest_codes(tmp_path / "b" / "m.jsonl", 1.5, "", log=lambda *a: None, codec=codec,
+                               device=device)
+    assert next(codec.model.parameters()).device.type == "cpu"           # handed back where it was
+    paths = [str(tmp_path / f"{i}.wav") for i in (0, 1)]
+    on_cpu = torch.cat(data.read_codes(tmp_path / "a" / "m.jsonl", paths, 1.5)[0], 1)
+    on_device = torch.cat(data.read_codes(tmp_path / "b" / "m.jsonl", paths, 1.5)[0], 1)
+    assert on_cpu.shape == on_device.shape == (2, 76)
+    assert (on_cpu == on_device).float().mean() >= (1.0 if device == "cpu" else 0.95)
+
+
 def test_log_mel_cache_is_the_front_end_made_once(tmp_path):
     for i, seconds in enumerate((0.5, 0.25)):
         data.save_wav(tmp_path / "wav" / f"{i}.wav", 0.3 * torch.randn(int(seconds * 16000)), 16000)
