@@ -15,6 +15,7 @@ Run:  python -m pytest tests/test_data.py -q      (CPU, a few seconds)
 
 import itertools
 import json
+import shutil
 import math
 import random
 import struct
@@ -427,8 +428,10 @@ def test_codes_made_on_a_device_are_the_cpus(tmp_path, device):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "m.jsonl").write_text(rows.replace('"audio": "', '"audio": "../'))
-    codec = data.load_codec("", 1.5, log=lambda *a: None)                  # untrained: codebooks fitted on "a"
+    codec = data.load_codec("", 1.5, log=lambda *a: None)                  # untrained: k-means on "a"
     data.encode_manifest_codes(tmp_path / "a" / "m.jsonl", 1.5, "", log=lambda *a: None, codec=codec)
+    (tmp_path / "b" / "codes-1.5kbps").mkdir()                             # the same codebooks, not a refit
+    shutil.copy(tmp_path / "a" / "codes-1.5kbps" / "codebooks.safetensors", tmp_path / "b" / "codes-1.5kbps")
     data.encode_manifest_codes(tmp_path / "b" / "m.jsonl", 1.5, "", log=lambda *a: None, codec=codec,
                                device=device)
     assert next(codec.model.parameters()).device.type == "cpu"           # handed back where it was
