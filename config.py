@@ -183,8 +183,8 @@ class RLConfig:
                                   # update moved it by up to 0.02 on the base preset; 0 = off
     voice_weight: float = 0.0     # reward += this x cosine(VoiceEncoder(speech), VoiceEncoder(description))
     eval_prompts: int = 32        # held-out (test.jsonl) prompts judged before RL, every eval_every, after
-    eval_samples: int = 1         # samples per held-out prompt, averaged: one sample's score varies by ~1.5
-                                  # nats/token from draw to draw, so the mean over 32 moves by ~0.3
+    eval_samples: int = 1         # samples per held-out prompt, averaged: two draws for one prompt differ
+                                  # by ~1.5 nats/token (sd), so a 32-prompt mean change is +- ~0.3 by chance
     eval_every: int = 0           # iterations between held-out evaluations; 0 = only before and after
     save_every: int = 4           # iterations between checkpoints (and always after the last)
 
