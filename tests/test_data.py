@@ -418,9 +418,11 @@ def test_untrained_codec_tokenizes_and_refuses_to_mix(tmp_path):
         data.encode_manifest_codes(tmp_path / "m.jsonl", 1.5, "", log=lambda *a: None)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_codes_made_on_a_device_are_the_cpus(tmp_path, device):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_codes_made_on_a_gpu_are_the_cpus(tmp_path):
+    """The same clips and codebooks encoded on a GPU give the CPU's codes, but for rare near-ties. Every
+    other codes test runs the same loop with device="cpu", the default."""
+    device = "cuda"
     t = torch.arange(int(0.5 * 16000)) / 16000
     for i, f in enumerate((220.0, 660.0)):
         data.save_wav(tmp_path / f"{i}.wav", 0.4 * torch.sin(2 * math.pi * f * t * (1 + t)), 16000)
@@ -439,7 +441,7 @@ def test_codes_made_on_a_device_are_the_cpus(tmp_path, device):
     on_cpu = torch.cat(data.read_codes(tmp_path / "a" / "m.jsonl", paths, 1.5)[0], 1)
     on_device = torch.cat(data.read_codes(tmp_path / "b" / "m.jsonl", paths, 1.5)[0], 1)
     assert on_cpu.shape == on_device.shape == (2, 76)
-    assert (on_cpu == on_device).float().mean() >= (1.0 if device == "cpu" else 0.95)
+    assert (on_cpu == on_device).float().mean() >= 0.95                   # near-ties may round differently
 
 
 def test_log_mel_cache_is_the_front_end_made_once(tmp_path):
