@@ -333,8 +333,8 @@ def evaluate(policy, reference, prompts, score, cfg, seed):
                   for k, v in scores.items()}
     frames = sum(c.size(1) for c in codes) / len(codes)
     reward = per_prompt["reward"]
-    metrics = {"eval_reward": reward.mean().item(), "eval_reward_std": reward.std().item(), "eval_kl": kl / steps,
-               "eval_seconds": frames / CODEC_FRAME_RATE}
+    metrics = {"eval_reward": reward.mean().item(), "eval_reward_std": reward.std().item(),
+               "eval_kl": kl / steps, "eval_seconds": frames / CODEC_FRAME_RATE}
     metrics.update({f"eval_{k}": v.mean().item() for k, v in per_prompt.items() if k != "reward"})
     metrics["eval_rewards"] = [round(r, 5) for r in reward.tolist()]              # per prompt, a fixed order
     return metrics

@@ -424,6 +424,12 @@ def voice_batch(examples, audio="codes"):
                 same=same)
 
 
+def lm_arguments(batch):
+    """SpeechLM.forward's own arguments out of a stage-1 batch: without the VoiceEncoder's `voice_*` and the
+    hearing loss's `whisper_*` entries."""
+    return {k: v for k, v in batch.items() if not k.startswith(("voice_", "whisper_"))}
+
+
 class SpeechLMTraining(nn.Module):
     """Stage 1's loss: the SpeechLM's code-token cross-entropy + voice_weight * the VoiceEncoder's InfoNCE
     (+ whisper_weight * the hearing loss, SpeechLM.whisper_loss, when the batch brings Whisper targets).
@@ -447,12 +453,11 @@ class SpeechLMTraining(nn.Module):
     def forward(self, **batch):
         """batch: SpeechLM.forward's arguments, and VoiceEncoder.loss's with a `voice_` prefix."""
         voice = {k.removeprefix("voice_"): v for k, v in batch.items() if k.startswith("voice_")}
-        speech = {k: v for k, v in batch.items() if not k.startswith(("voice_", "whisper_"))}
         device_type = self.speechlm.null_voice.device.type
         with torch.autocast(device_type, self.autocast) if self.autocast else nullcontext():
             if self.voice_only:
                 return self.speechlm.voice.loss(**voice)
-            loss = self.speechlm(**speech) + self.voice_weight * self.speechlm.voice.loss(**voice)
+            loss = self.speechlm(**lm_arguments(batch)) + self.voice_weight * self.speechlm.voice.loss(**voice)
             if self.whisper_weight > 0 and "whisper_features" in batch:
                 loss = loss + self.whisper_weight * self.hearing_loss(batch)
             return loss
@@ -612,8 +617,7 @@ def build_speechlm_stage(cfg, device, log=print):
                 return metrics
             parts = [{k: v.to(device) for k, v in speech_batch(test_examples[s: s + B]).items()}
                      for s in range(0, cfg.train.eval_samples, B)]
-            speech = lambda p: {k: v for k, v in p.items() if not k.startswith("whisper_")}   # lm's arguments
-            losses = [(lm(**speech(p)).item(), int((p["audio_targets"] != -100).sum()))     # (mean, n targets)
+            losses = [(lm(**lm_arguments(p)).item(), int((p["audio_targets"] != -100).sum()))  # (mean, n targets)
                       for p in parts]
             metrics = {"code_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses),
                        "unigram_loss": unigram, **metrics}
