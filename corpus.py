@@ -12,7 +12,8 @@ reproducible. In reading order:
   3. Voices: an engine, a base voice (the accent), for espeak-ng a variant (timbre, gender), a speed and a
      pitch, and a Parler-TTS-style description of them ("a slow, low-pitched male voice with a British
      accent"). The test split gets whole base voices that training never hears, so a good test score means
-     the model learned speech, not one synthesizer's timbre.
+     the model learned speech, not one synthesizer's timbre; or, with --held-out speakers, (accent, timbre)
+     pairs that training never hears together, so every word of a test description is heard in training.
   4. The corpus: every random choice is planned first from one seeded generator, then the synthesizers run
      in parallel, so the same seed and engine versions give byte-identical files. Options pick categories or
      templates and keep another corpus's test sentences out (the stage-2 question corpora of the README).
@@ -22,6 +23,7 @@ Run:
     python corpus.py --out corpus-questions --n-train 8000 --n-test 0 --categories question \
         --exclude corpus/test.jsonl --seed 1
     python corpus.py --out corpus-big --n-train 10000 --test-from corpus --seed 1   # more speech, same test
+    python corpus.py --out corpus-speakers --n-train 2400 --n-test 300 --seed 0 --held-out speakers
 
 References: espeak-ng (github.com/espeak-ng/espeak-ng), Flite (Black & Lenzo, 2001); natural-language voice
 descriptions as in Parler-TTS (Lyth & King, "Natural language guidance of high-fidelity text-to-speech with
@@ -290,33 +292,57 @@ def all_sentences(rules=TEMPLATES):
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. Voices. A voice is an engine, a base voice (the accent) and, for espeak-ng, a variant (the timbre and
-# gender), plus speed and pitch. The test split gets whole base voices that training never hears.
+# gender), plus speed and pitch. Which voices only the test split hears is chosen by `held_out`:
+#   "accents" (the default): whole base voices; a test score then means generalizing to a new accent, but
+#       the words naming those accents ("Scottish") never occur in a training description;
+#   "speakers": (accent, timbre) pairs; every accent and every timbre is heard in training, only not
+#       together, so every word of a test description occurs in training descriptions.
 ESPEAK_ACCENTS = {"en-us": "an American accent", "en-gb": "a British accent",
                   "en-gb-x-rp": "a Received Pronunciation accent", "en-gb-x-gbclan": "a Lancashire accent",
                   "en-gb-x-gbcwmd": "a West Midlands accent", "en-029": "a Caribbean accent",
                   "en-gb-scotland": "a Scottish accent", "en-us-nyc": "a New York accent"}
 ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"]  # m male, f female
+ESPEAK_ONE_TIMBRE = {"en-gb"}  # espeak-ng 1.51 ignores +variant here (all 12 measured at 102 Hz): male
 FLITE_VOICES = {"kal16": ("male", "an American accent"), "rms": ("male", "an American accent"),
                 "slt": ("female", "an American accent"), "awb": ("male", "a Scottish accent")}
 TEST_VOICES = {("espeak-ng", "en-gb-scotland"), ("espeak-ng", "en-us-nyc"), ("flite", "awb")}
+# held_out="speakers": one male and one female timbre per accent, a different pair for each accent, and awb
+TEST_SPEAKERS = {("espeak-ng", accent, variant)
+                 for i, accent in enumerate(a for a in ESPEAK_ACCENTS if a not in ESPEAK_ONE_TIMBRE)
+                 for variant in (f"m{i % 7 + 1}", f"f{i % 5 + 1}")} | {("flite", "awb", None)}
 SPEED_RANGE = (130, 200)  # words per minute (espeak-ng -s); flite gets duration_stretch = 175 / speed
 PITCH_RANGE = (30, 70)    # espeak-ng -p, on its 0..99 scale where 50 is the voice's own pitch
 INSTALL_HINT = ("apt-get install espeak-ng (macOS: brew install espeak-ng; Windows: the installer from "
                 "github.com/espeak-ng/espeak-ng/releases)")
+HELD_OUT = ("accents", "speakers")
 
 
-def voice_pool(split, engines):
-    """The (engine, base voice) pairs a split may use: TEST_VOICES for "test", all the others for "train"."""
-    pool = [("espeak-ng", v) for v in ESPEAK_ACCENTS] + [("flite", v) for v in FLITE_VOICES]
-    return [pair for pair in pool if pair[0] in engines and (pair in TEST_VOICES) == (split == "test")]
+def voice_pool(split, engines, held_out="accents"):
+    """The voices `split` may use, as (engine, base voice, variants); flite voices have no variants.
+    accents: the base voices in TEST_VOICES are the test split's, all others training's.
+    speakers: the (engine, base voice, variant) in TEST_SPEAKERS are the test split's, all others training's."""
+    if held_out not in HELD_OUT:
+        raise ValueError(f"held_out must be one of {', '.join(HELD_OUT)}, not {held_out!r}")
+    is_test, pool = split == "test", []
+    for engine, name in [("espeak-ng", v) for v in ESPEAK_ACCENTS] + [("flite", v) for v in FLITE_VOICES]:
+        if engine not in engines:
+            continue
+        variants = ESPEAK_VARIANTS if engine == "espeak-ng" else [None]
+        if held_out == "accents":
+            mine = variants if ((engine, name) in TEST_VOICES) == is_test else []
+        else:
+            mine = [v for v in variants if ((engine, name, v) in TEST_SPEAKERS) == is_test]
+        if mine:
+            pool.append((engine, name, tuple(mine) if engine == "espeak-ng" else ()))
+    return pool
 
 
 def random_voice(rng, pool):
-    engine, name = rng.choice(pool)
+    engine, name, variants = rng.choice(pool)
     speed = rng.randint(*SPEED_RANGE)
     if engine == "flite":  # flite voices keep their own pitch and timbre
         return {"engine": engine, "voice": name, "speed": speed}
-    return {"engine": engine, "voice": name, "variant": rng.choice(ESPEAK_VARIANTS), "speed": speed,
+    return {"engine": engine, "voice": name, "variant": rng.choice(variants), "speed": speed,
             "pitch": rng.randint(*PITCH_RANGE)}
 
 
@@ -330,7 +356,8 @@ def describe_voice(voice):
     if voice["engine"] == "flite":
         gender, accent = FLITE_VOICES[voice["voice"]]
         return f"a {speed} {gender} voice with {accent}"
-    gender = "female" if voice["variant"].startswith("f") else "male"
+    female = voice["variant"].startswith("f") and voice["voice"] not in ESPEAK_ONE_TIMBRE
+    gender = "female" if female else "male"
     pitch = ("low-pitched" if voice["pitch"] < 43 else "high-pitched" if voice["pitch"] > 57
              else "medium-pitched")
     return f"a {speed}, {pitch} {gender} voice with {ESPEAK_ACCENTS[voice['voice']]}"
@@ -388,7 +415,7 @@ def chosen_rules(categories=None, templates=None):
 
 
 def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_fraction=0.15, engines=None,
-                progress=True, categories=None, templates=None, exclude=(), test_from=None):
+                progress=True, categories=None, templates=None, exclude=(), test_from=None, held_out=None):
     """Write out_dir/{train,test}/NNNNNN.wav, out_dir/{train,test}.jsonl and out_dir/corpus.json.
 
     n_train, n_test: utterances (audio files) per split. Each utterance gives a transcribe row; a question
@@ -401,6 +428,8 @@ def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_f
     test_from: another corpus folder whose test split (audio and manifest) this one reuses instead of drawing
         its own (n_test must be 0), with its sentences excluded: a larger training set measured on the very
         same held-out clips.
+    held_out: which voices only the test split hears, "accents" or "speakers" (section 3); None = "accents",
+        or test_from's choice.
     The same seed and the same engine versions give byte-identical files.
     Returns {"train": rows, "test": rows} as written (audio paths relative to out_dir; read_manifest gives
     absolute ones).
@@ -413,6 +442,11 @@ def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_f
         if n_test:
             raise ValueError(f"test_from={test_from} brings its own test split: ask for n_test=0, not {n_test}")
         exclude |= manifest_sentences(Path(test_from) / "test.jsonl")
+        theirs = json.loads((Path(test_from) / "corpus.json").read_text()).get("held_out", "accents")
+        if held_out not in (None, theirs):
+            raise ValueError(f"{test_from} holds out {theirs}, so this corpus must too, not {held_out}")
+        held_out = theirs  # the training split must not hear the other corpus's test voices
+    held_out = held_out or "accents"
     available = (GRAMMAR_SIZE if len(rules) == len(TEMPLATES) and not exclude else
                  sum(s.text not in exclude for s in all_sentences(rules)))
     if n_train + n_test > available:  # every utterance is a different sentence
@@ -431,7 +465,7 @@ def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_f
     rng = random.Random(seed)
     seen, plan = set(exclude), []
     for split, count in (("train", n_train), ("test", n_test)):
-        pool = voice_pool(split, engines)
+        pool = voice_pool(split, engines, held_out)
         for index in range(count):
             sentence = random_sentence(rng, weights, rules)
             while sentence.text in seen:  # 41k sentences: a repeat is rare and cheap to redraw
@@ -480,7 +514,9 @@ def make_corpus(out_dir, n_train=2000, n_test=300, seed=0, workers=2, continue_f
             "categories": sorted(weights), "templates": templates, "excluded_sentences": len(exclude),
             "test_from": None if test_from is None else str(test_from),
             "engines": {engine: _engine_version(engine) for engine in engines},
-            "test_voices": sorted(f"{e}:{v}" for e, v in TEST_VOICES if e in engines)}
+            "held_out": held_out,  # and its test voices, e.g. "espeak-ng:en-us+m1/f1" for speakers
+            "test_voices": sorted(f"{e}:{v}" + (f"+{'/'.join(vs)}" if held_out == "speakers" and vs else "")
+                                  for e, v, vs in voice_pool("test", engines, held_out))}
     (out_dir / "corpus.json").write_text(json.dumps(meta, indent=2) + "\n")
     return rows
 
@@ -510,6 +546,8 @@ def main(argv=None):
                         help="never speak a sentence these manifests speak (e.g. corpus/test.jsonl)")
     parser.add_argument("--test-from", metavar="CORPUS", help="reuse this corpus's test split (audio and "
                         "manifest) and keep its sentences out of training, e.g. --test-from corpus")
+    parser.add_argument("--held-out", choices=HELD_OUT, help="voices only the test split hears: whole accents "
+                        "(default) or (accent, timbre) speakers, so that every accent is heard in training")
     args = parser.parse_args(argv)
     if args.n_test is None:
         args.n_test = 0 if args.test_from else 300
@@ -517,7 +555,7 @@ def main(argv=None):
         exclude = set().union(*(manifest_sentences(m) for m in args.exclude))
         rows = make_corpus(args.out, args.n_train, args.n_test, args.seed, workers=args.workers,
                            categories=args.categories, templates=args.templates, exclude=exclude,
-                           test_from=args.test_from)
+                           test_from=args.test_from, held_out=args.held_out)
     except (ValueError, OSError, RuntimeError) as err:  # user errors: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -11,6 +11,7 @@ Run:  python -m pytest tests/test_corpus.py -q      (CPU, seconds; the spoken-co
 """
 
 import calendar
+import json
 import random
 import re
 import shutil
@@ -143,10 +144,29 @@ def test_random_sentences_come_from_the_grammar(every_sentence):
 
 def test_voices_split_and_described():
     engines = ("espeak-ng", "flite")
-    train, test = set(corpus.voice_pool("train", engines)), set(corpus.voice_pool("test", engines))
-    assert not train & test and test == corpus.TEST_VOICES and len(train) == 9
-    voice = {"engine": "espeak-ng", "voice": "en-gb", "variant": "f2", "speed": 190, "pitch": 65}
-    assert corpus.describe_voice(voice) == "a fast, high-pitched female voice with a British accent"
+
+    def speakers(pool):  # (engine, base voice, variant) triples
+        return {(e, v, x) for e, v, variants in pool for x in variants or [None]}
+    every = speakers(corpus.voice_pool("train", engines) + corpus.voice_pool("test", engines))
+    assert len(every) == 8 * 12 + 4
+    # accents: whole base voices held out, each with all 12 timbres (the draws of earlier corpora, unchanged)
+    train, test = corpus.voice_pool("train", engines), corpus.voice_pool("test", engines)
+    assert {(e, v) for e, v, _ in test} == corpus.TEST_VOICES and len(train) == 9
+    assert not {(e, v) for e, v, _ in train} & corpus.TEST_VOICES
+    # speakers: (accent, timbre) pairs held out; every accent, timbre and gender is still heard in training
+    train = speakers(corpus.voice_pool("train", engines, "speakers"))
+    test = speakers(corpus.voice_pool("test", engines, "speakers"))
+    assert test == corpus.TEST_SPEAKERS and len(test) == 7 * 2 + 1 and train == every - test
+    def accents(triples):
+        return {corpus.ESPEAK_ACCENTS.get(v) or corpus.FLITE_VOICES[v][1] for _, v, _ in triples}
+    assert accents(test) <= accents(train) and {x for *_, x in test} <= {x for *_, x in train}
+    with pytest.raises(ValueError, match="accents, speakers"):
+        corpus.voice_pool("test", engines, "voices")
+
+    voice = {"engine": "espeak-ng", "voice": "en-gb-x-rp", "variant": "f2", "speed": 190, "pitch": 65}
+    assert corpus.describe_voice(voice) == "a fast, high-pitched female voice with a Received Pronunciation accent"
+    voice["voice"] = "en-gb"  # espeak-ng ignores variants on en-gb: what it speaks is a male voice
+    assert corpus.describe_voice(voice) == "a fast, high-pitched male voice with a British accent"
     voice = {"engine": "espeak-ng", "voice": "en-029", "variant": "m3", "speed": 140, "pitch": 50}
     assert corpus.describe_voice(voice) == "a slow, medium-pitched male voice with a Caribbean accent"
     assert corpus.describe_voice({"engine": "flite", "voice": "slt", "speed": 160}) == \
@@ -239,6 +259,24 @@ def test_a_bigger_corpus_reuses_another_test_split(tiny_corpus, tmp_path):
     assert big["train.jsonl"] == tree(tmp_path / "plain")["train.jsonl"]    # = excluding those sentences
     with pytest.raises(ValueError, match="n_test=0"):
         corpus.make_corpus(tmp_path / "x", n_train=2, n_test=1, progress=False, test_from=tiny_corpus)
+
+
+@needs_espeak
+def test_held_out_speakers(tmp_path):
+    # every accent is heard in training; the test split's (accent, timbre) pairs never are, and a bigger
+    # corpus made --test-from it holds out the same speakers
+    corpus.make_corpus(tmp_path / "spk", **{**TINY, "n_train": 12}, held_out="speakers")
+    corpus.make_corpus(tmp_path / "big", n_train=12, n_test=0, seed=4, progress=False, test_from=tmp_path / "spk")
+    for folder in ("spk", "big"):
+        train = data.read_manifest(tmp_path / folder / "train.jsonl")
+        test = data.read_manifest(tmp_path / folder / "test.jsonl")
+        who = [{(r["voice"]["engine"], r["voice"]["voice"], r["voice"].get("variant")) for r in rows}
+               for rows in (train, test)]
+        assert who[1] <= corpus.TEST_SPEAKERS and not who[0] & corpus.TEST_SPEAKERS
+        assert json.loads((tmp_path / folder / "corpus.json").read_text())["held_out"] == "speakers"
+    with pytest.raises(ValueError, match="holds out speakers"):
+        corpus.make_corpus(tmp_path / "x", n_train=1, n_test=0, progress=False, test_from=tmp_path / "spk",
+                           held_out="accents")
 
 
 def test_manifest_sentences_rejoins_halves(tmp_path):
