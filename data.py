@@ -730,11 +730,13 @@ def codes_path(codes_dir, audio_path, root):
 
 
 def _save_npy(path, array):
-    """np.save through a temporary name, so an interrupted run never leaves a half-written file behind."""
+    """np.save through a temporary name, so an interrupted run never leaves a half-written file behind. The
+    name is the process's own: runs started side by side on one corpus may cache the same clip at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".tmp"), "wb") as f:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(path.with_suffix(".tmp"), path)
+    os.replace(tmp, path)
 
 
 def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print, codec=None, device="cpu"):

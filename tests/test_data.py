@@ -17,10 +17,12 @@ import itertools
 import json
 import shutil
 import math
+import os
 import random
 import struct
 import wave
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -459,3 +461,21 @@ def test_log_mel_cache_is_the_front_end_made_once(tmp_path):
     stamp = (mel_dir / "wav" / "0.npy").stat().st_mtime_ns
     data.encode_manifest_mels(tmp_path / "m.jsonl", log=said.append)             # second call: nothing to do
     assert len(said) == 1 and (mel_dir / "wav" / "0.npy").stat().st_mtime_ns == stamp
+
+
+def test_two_processes_caching_one_clip_do_not_collide(tmp_path, monkeypatch):
+    # Runs started side by side on one corpus cache the same clip's codes or log-mel: writer A (pid 111) is
+    # overtaken mid-write by writer B (pid 222). With one shared temporary name, B would move it into
+    # place first and A's own move would find nothing there (FileNotFoundError).
+    path, pid, real_save = tmp_path / "cache" / "000001.npy", [111], np.save
+    monkeypatch.setattr(os, "getpid", lambda: pid[0])
+
+    def save_then_overtaken(f, array):
+        real_save(f, array)
+        if pid[0] == 111:
+            pid[0] = 222
+            data._save_npy(path, array + 1)                     # B: starts and finishes inside A's write
+            pid[0] = 111
+    monkeypatch.setattr(np, "save", save_then_overtaken)
+    data._save_npy(path, np.arange(3))
+    assert np.load(path).tolist() == [0, 1, 2] and [p.name for p in path.parent.iterdir()] == [path.name]
