@@ -578,7 +578,8 @@ def build_speechlm_stage(cfg, device, log=print):
     SpeechLMTraining; int8 quantizes frozen weights only, and stage 1 has none, so it runs fp32."""
     speechlm, tokenizer = build_speechlm(cfg, log)
     corpus = Path(cfg.data.corpus)
-    whisper = whisper_features(cfg, log) if cfg.speechlm.whisper_weight > 0 else None   # one cache read
+    hears = cfg.speechlm.whisper_weight > 0 and not cfg.speechlm.voice_only    # voice_only has no hearing loss
+    whisper = whisper_features(cfg, log) if hears else None                      # one cache read
     train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log, whisper)
     test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log, whisper)
     dtype, int8 = choose_precision(cfg.system.precision, device, log=lambda *a: None)   # train.py said which
