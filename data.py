@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torchaudio
 from encodec import EncodecModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as save_tensors
 from tqdm import tqdm
 
 from config import ConfigError
@@ -498,8 +498,7 @@ def encoder_features(audio_lm, rows, cache_path=None, batch_size=16, progress=Tr
         for p, f, n in zip(paths, features, feature_lengths.tolist()):
             cached[p] = f[:n].to(torch.float16).cpu().contiguous()                # (frames, d_audio)
     if cache_path and todo:
-        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(cached, str(cache_path))
+        _write_atomic(Path(cache_path), lambda f: f.write(save_tensors(cached)))   # whole, for runs beside us
     return cached
 
 
@@ -666,7 +665,8 @@ class Codec:
             x = x - centres[(centres.pow(2).sum(1)[None] - 2 * x @ centres.T).argmin(1)]   # the residual
 
     def save_codebooks(self, path):
-        save_file({f"codebook.{k}": c.embed.contiguous() for k, c in enumerate(self.codebooks())}, str(path))
+        tensors = {f"codebook.{k}": c.embed.contiguous() for k, c in enumerate(self.codebooks())}
+        _write_atomic(Path(path), lambda f: f.write(save_tensors(tensors)))
 
     def load_codebooks(self, path):
         tensors = load_file(str(path))
@@ -729,14 +729,19 @@ def codes_path(codes_dir, audio_path, root):
         return codes_dir / "other" / (hashlib.sha1(str(audio_path).encode()).hexdigest()[:16] + ".npy")
 
 
-def _save_npy(path, array):
-    """np.save through a temporary name, so an interrupted run never leaves a half-written file behind. The
-    name is the process's own: runs started side by side on one corpus may cache the same clip at once."""
+def _write_atomic(path, write):
+    """write(f) into a temporary file, then move it into place: an interrupted run never leaves half a file,
+    and a run reading it meanwhile sees the old file or the new one. The temporary name is the process's own:
+    runs started side by side on one corpus may cache the same file at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        np.save(f, array)
+        write(f)
     os.replace(tmp, path)
+
+
+def _save_npy(path, array):
+    _write_atomic(path, lambda f: np.save(f, array))
 
 
 def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print, codec=None, device="cpu"):
@@ -778,7 +783,9 @@ def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print,
             raise ConfigError(f"{codes_dir}: codes were made by {old['codec']} ({old['fingerprint']}) but "
                               f"this codec is {info['codec']} ({info['fingerprint']}); delete {codes_dir} to "
                               f"re-encode")
-    info_file.write_text(json.dumps(info, indent=1) + "\n")
+    text = json.dumps(info, indent=1) + "\n"
+    if not info_file.exists() or info_file.read_text() != text:    # a rewrite could be read half-done by a
+        _write_atomic(info_file, lambda f: f.write(text.encode()))   # run beside this one (seen on a GPU)
     if todo:
         log(f"encoding {len(todo)} clips of {manifest_path} with {codec.name} at {bandwidth} kbps "
             f"-> {codes_dir}")

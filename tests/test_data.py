@@ -411,11 +411,21 @@ def test_untrained_codec_tokenizes_and_refuses_to_mix(tmp_path):
     assert codes[0].shape == (2, 23)                                       # 0.3 s * 75 frames/s, rounded up
     assert len(torch.cat(codes, 1)[0].unique()) > 3, "k-means codebooks: different sounds, different codes"
     assert info["codec"] == "encodec_24khz-untrained" and not list(codes_dir.rglob("*.tmp"))
-    # pretend the folder was made by other weights, then ask for one more clip: refused, with the fix
-    (codes_dir / "codec.json").write_text(json.dumps({**info, "fingerprint": "0123456789abcdef"}))
+    # one more clip with the same codec: encoded, and codec.json left alone (runs started beside this one
+    # read it; rewriting it in place once let one of them read an empty file)
+    for name in ("codec.json", "codebooks.safetensors"):
+        os.utime(codes_dir / name, ns=(10**18, 10**18))                  # a stamp no write could leave
     data.save_wav(tmp_path / "2.wav", 0.1 * torch.randn(4000), 16000)
     with open(tmp_path / "m.jsonl", "a") as f:
         f.write(json.dumps({"audio": "2.wav", "text": "x"}) + "\n")
+    data.encode_manifest_codes(tmp_path / "m.jsonl", 1.5, "", log=lambda *a: None)
+    assert (codes_dir / "2.npy").exists()
+    assert [(codes_dir / n).stat().st_mtime_ns for n in ("codec.json", "codebooks.safetensors")] == [10**18] * 2
+    # pretend the folder was made by other weights, then ask for one more clip: refused, with the fix
+    (codes_dir / "codec.json").write_text(json.dumps({**info, "fingerprint": "0123456789abcdef"}))
+    data.save_wav(tmp_path / "3.wav", 0.1 * torch.randn(4000), 16000)
+    with open(tmp_path / "m.jsonl", "a") as f:
+        f.write(json.dumps({"audio": "3.wav", "text": "x"}) + "\n")
     with pytest.raises(ValueError, match="delete"):
         data.encode_manifest_codes(tmp_path / "m.jsonl", 1.5, "", log=lambda *a: None)
 
