@@ -32,9 +32,10 @@ Run:
     python train.py --stage=rl --resume       # continue out/rl exactly where it stopped
 
 Simplified on purpose: a rollout batch holds prompts with the same number of text tokens, so batched sampling
-needs no padding mask (SpeechLM.run has none); one constant learning rate; the whole policy trunk trains (no
-LoRA), its text embeddings and VoiceEncoder stay frozen; the judge is a fixed frozen model, not a learned
-reward model; scores are normalised per batch, not by statistics kept across iterations.
+needs no padding mask (SpeechLM.run has none); one constant learning rate; the whole policy trunk trains (or,
+with --rl.lora_r, only LoRA updates of its projections), its text embeddings and VoiceEncoder stay frozen; the
+judge is a fixed frozen model, not a learned reward model; scores are normalised per batch, not by statistics
+kept across iterations.
 """
 import json
 import sys
@@ -50,10 +51,12 @@ import config
 from adapter import align_batch, load_align_model
 from checkpoint import CheckpointCorrupt, load_checkpoint, optimizer_from_tensors, save_checkpoint
 from data import CODEBOOK_SIZE, CODEC_FRAME_RATE
+from lora import apply_lora
 from model import KVCache
 from speechlm import BOS, CODE_VOCAB, END, PAD, load_examples, load_speechlm_checkpoint, pad_stack, undo_delay
 from weights import CheckpointError
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")   # rl.lora_r
 BANNED = -1e9   # log-space "impossible": finite, because 0 * -inf = nan would poison the entropy's gradient
 
 # -----------------------------------------------------------------------------
@@ -539,11 +542,16 @@ def build_rl(cfg, device, log=print):
     policy = Policy(speechlm).to(device)
     for name, p in policy.speechlm.named_parameters():                              # the prompt's readers stay
         p.requires_grad_(not name.startswith(("voice.", "text_embed.")))
+    if cfg.rl.lora_r:   # a low-rank update of each block projection; B = 0, so the policy starts as stage 1
+        apply_lora(policy.speechlm.blocks, cfg.rl.lora_r, cfg.rl.lora_alpha, targets=LORA_TARGETS)
+        for name, p in policy.named_parameters():
+            p.requires_grad_("lora_" in name or name.startswith("value_head."))
     corpus = Path(cfg.data.corpus)
     train_prompts, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log)
     eval_prompts, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log)
     n = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    log(f"policy: stage-1 SpeechLM + value head, {n / 1e6:.1f}M trainable parameters; judge: adapter "
+    log(f"policy: stage-1 SpeechLM{f' + LoRA r={cfg.rl.lora_r}' if cfg.rl.lora_r else ''} + value head, "
+        f"{n / 1e6:.1f}M trainable parameters; judge: adapter "
         f"({cfg.adapter.n_latents} vectors) + {Path(cfg.model.llm).name}")
     score = make_judge(align_model, cfg.rl.voice_weight)
     return policy, reference, train_prompts, eval_prompts[: cfg.rl.eval_prompts], score

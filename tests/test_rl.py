@@ -246,6 +246,24 @@ def test_stage3_runs_from_checkpoints_and_resumes_exactly(checkpoints, tmp_path)
     assert resumed[-1]["eval_reward"] == straight[-1]["eval_reward"]
 
 
+def test_lora_policy_starts_as_stage_1_and_trains_only_its_updates(checkpoints, tmp_path):
+    """--rl.lora_r: the trunk's projections get LoRA updates with B = 0, so the first rollouts' KL to the
+    reference is exactly 0; only the updates and the value head train, and they do move."""
+    cfg, _ = rl.parse_args(rl_args(checkpoints, tmp_path, "--rl.lora_r=2", "--rl.iterations=2",
+                                   "--rl.lr=1e-2", "--rl.kl_stop=0"))
+    quiet = lambda *a: None
+    policy, reference, train_prompts, _, score = rl.build_rl(cfg, torch.device("cpu"), quiet)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    blocks = len(policy.speechlm.blocks)
+    assert len(trainable) == 2 + blocks * len(rl.LORA_TARGETS) * 2                 # A and B of each, value head
+    assert all("lora_" in n or n.startswith("value_head.") for n in trainable)
+    before = {n: p.clone() for n, p in policy.named_parameters()}
+    rows = rl.train_rl(cfg, policy, reference, train_prompts, score, tmp_path, log=quiet)
+    assert rows[0]["kl"] == 0.0 and rows[0]["first_ratio_error"] == 0.0
+    moved = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= trainable and any("lora_B" in n for n in moved)
+
+
 def test_missing_or_mismatched_checkpoint_is_one_clear_error(checkpoints, tmp_path, capsys):
     def error_of(*extra):
         with pytest.raises(SystemExit) as exit_info:
