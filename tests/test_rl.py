@@ -255,7 +255,7 @@ def test_lora_policy_starts_as_stage_1_and_trains_only_its_updates(checkpoints, 
     policy, reference, train_prompts, _, score = rl.build_rl(cfg, torch.device("cpu"), quiet)
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     blocks = len(policy.speechlm.blocks)
-    assert len(trainable) == 2 + blocks * len(rl.LORA_TARGETS) * 2                 # A and B of each, value head
+    assert len(trainable) == 2 + blocks * len(rl.LORA_TARGETS) * 2      # A and B of each; the value head's 2
     assert all("lora_" in n or n.startswith("value_head.") for n in trainable)
     before = {n: p.clone() for n, p in policy.named_parameters()}
     rows = rl.train_rl(cfg, policy, reference, train_prompts, score, tmp_path, log=quiet)
