@@ -562,6 +562,8 @@ def run(cfg, resume=False, log=print):
     out_dir = Path(cfg.train.out_dir)
     if resume and not (out_dir / "ckpt" / "MANIFEST.json").exists():
         raise config.ConfigError(f"--resume: no checkpoint in {out_dir}/ckpt to continue; drop --resume")
+    if cfg.rl.lora_r < 0:
+        raise config.ConfigError(f"--rl.lora_r={cfg.rl.lora_r}: a LoRA rank is >= 1 (0: whole trunk trains)")
     if cfg.rl.eval_samples < 1:
         raise config.ConfigError(f"--rl.eval_samples={cfg.rl.eval_samples}: each held-out prompt needs at "
                                  f"least 1 sample")

@@ -276,6 +276,7 @@ def test_missing_or_mismatched_checkpoint_is_one_clear_error(checkpoints, tmp_pa
     assert "--adapter.speechlm_checkpoint" in error_of(f"--adapter.speechlm_checkpoint={tmp_path / 'other'}")
     assert "drop --resume" in error_of("--resume")
     assert "at least 1 sample" in error_of("--rl.eval_samples=0")
+    assert "LoRA rank" in error_of("--rl.lora_r=-2")
     (checkpoints[1] / "ckpt" / "model.safetensors").unlink()                       # stage 1 gone
     assert "--stage=speechlm" in error_of()
 
