@@ -498,7 +498,7 @@ def encoder_features(audio_lm, rows, cache_path=None, batch_size=16, progress=Tr
         for p, f, n in zip(paths, features, feature_lengths.tolist()):
             cached[p] = f[:n].to(torch.float16).cpu().contiguous()                # (frames, d_audio)
     if cache_path and todo:
-        _write_atomic(Path(cache_path), lambda f: f.write(save_tensors(cached)))   # whole, for runs beside us
+        write_atomic(Path(cache_path), lambda f: f.write(save_tensors(cached)))   # whole, for runs beside us
     return cached
 
 
@@ -666,7 +666,7 @@ class Codec:
 
     def save_codebooks(self, path):
         tensors = {f"codebook.{k}": c.embed.contiguous() for k, c in enumerate(self.codebooks())}
-        _write_atomic(Path(path), lambda f: f.write(save_tensors(tensors)))
+        write_atomic(Path(path), lambda f: f.write(save_tensors(tensors)))
 
     def load_codebooks(self, path):
         tensors = load_file(str(path))
@@ -729,7 +729,7 @@ def codes_path(codes_dir, audio_path, root):
         return codes_dir / "other" / (hashlib.sha1(str(audio_path).encode()).hexdigest()[:16] + ".npy")
 
 
-def _write_atomic(path, write):
+def write_atomic(path, write):
     """write(f) into a temporary file, then move it into place: an interrupted run never leaves half a file,
     and a run reading it meanwhile sees the old file or the new one. The temporary name is the process's own:
     runs started side by side on one corpus may cache the same file at once."""
@@ -741,7 +741,7 @@ def _write_atomic(path, write):
 
 
 def _save_npy(path, array):
-    _write_atomic(path, lambda f: np.save(f, array))
+    write_atomic(path, lambda f: np.save(f, array))
 
 
 def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print, codec=None, device="cpu"):
@@ -784,8 +784,8 @@ def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print,
                               f"this codec is {info['codec']} ({info['fingerprint']}); delete {codes_dir} to "
                               f"re-encode")
     text = json.dumps(info, indent=1) + "\n"
-    if not info_file.exists() or info_file.read_text() != text:    # a rewrite could be read half-done by a
-        _write_atomic(info_file, lambda f: f.write(text.encode()))   # run beside this one (seen on a GPU)
+    if not info_file.exists() or info_file.read_text() != text:   # a rewrite could be read half-done by a
+        write_atomic(info_file, lambda f: f.write(text.encode()))   # run beside this one (seen on a GPU)
     if todo:
         log(f"encoding {len(todo)} clips of {manifest_path} with {codec.name} at {bandwidth} kbps "
             f"-> {codes_dir}")

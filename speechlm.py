@@ -618,8 +618,8 @@ def build_speechlm_stage(cfg, device, log=print):
                 return metrics
             parts = [{k: v.to(device) for k, v in speech_batch(test_examples[s: s + B]).items()}
                      for s in range(0, cfg.train.eval_samples, B)]
-            losses = [(lm(**lm_arguments(p)).item(), int((p["audio_targets"] != -100).sum()))  # (mean, n targets)
-                      for p in parts]
+            losses = [(lm(**lm_arguments(p)).item(), int((p["audio_targets"] != -100).sum()))
+                      for p in parts]                                                 # (mean, n targets)
             metrics = {"code_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses),
                        "unigram_loss": unigram, **metrics}
             if sl.whisper_weight > 0:              # share of Whisper's variance not yet heard (zeros: 1.0)

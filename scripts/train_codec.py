@@ -23,7 +23,6 @@ hours.
 """
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchaudio
-from safetensors.torch import save_file
+from safetensors.torch import save as save_tensors
 from tqdm import tqdm
 
 import data
@@ -91,10 +90,8 @@ def train_codec(clips, out_dir, steps=3000, batch=32, seconds=1.0, bandwidth=1.5
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights_file = out_dir / data.TRAINED_HERE           # written whole, then renamed: never half a file
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(weights_file.with_suffix(".tmp")))
-    os.replace(weights_file.with_suffix(".tmp"), weights_file)
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    data.write_atomic(out_dir / data.TRAINED_HERE, lambda f: f.write(save_tensors(weights)))   # whole or not
     settings = {"steps": rows[-1]["step"], "batch": batch, "seconds": seconds, "bandwidth": bandwidth, "lr": lr,
                 "seed": seed, "clips": len(clips)}
     (out_dir / "codec.json").write_text(json.dumps({**settings, "log": rows}, indent=1) + "\n")

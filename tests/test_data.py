@@ -15,10 +15,10 @@ Run:  python -m pytest tests/test_data.py -q      (CPU, a few seconds)
 
 import itertools
 import json
-import shutil
 import math
 import os
 import random
+import shutil
 import struct
 import wave
 
