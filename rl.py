@@ -310,10 +310,11 @@ def clipped_value_loss(values, old_values, returns, mask, clip):
 # 5. Held-out evaluation and the picture
 
 @torch.no_grad()
-def evaluate(policy, reference, prompts, score, cfg, seed):
+def evaluate(policy, reference, prompts, score, cfg, seed, reference_temperature=None):
     """rl.eval_samples seeded samples per held-out prompt (before and after RL draw the same random numbers):
     the judge's reward (per prompt, the mean over its samples), the exact KL to the reference per column,
-    and the length of the speech."""
+    and the length of the speech. The policy samples at rl.temperature, and the reference is read at it too
+    unless reference_temperature says otherwise (scripts/rl_temperature.py)."""
     device, max_frames = policy.value_head.weight.device, int(cfg.rl.max_seconds * CODEC_FRAME_RATE)
     n = cfg.rl.eval_samples
     generator, by_length = torch.Generator(device).manual_seed(seed), {}
@@ -326,7 +327,7 @@ def evaluate(policy, reference, prompts, score, cfg, seed):
                                             generator)
         batch = rollout_batch(group_prompts, columns, ended, max_frames)
         full = policy_outputs(policy.speechlm, batch, cfg.rl.temperature)[3]
-        full_ref = policy_outputs(reference, batch, cfg.rl.temperature)[3]
+        full_ref = policy_outputs(reference, batch, reference_temperature or cfg.rl.temperature)[3]
         kl += float((exact_kl(full, full_ref, batch["free"]) * batch["mask"]).sum())
         steps += float(batch["mask"].sum())
         codes, ordered = codes + columns_to_codes(columns, ended), ordered + group

@@ -264,6 +264,28 @@ def test_lora_policy_starts_as_stage_1_and_trains_only_its_updates(checkpoints, 
     assert moved and moved <= trainable and any("lora_B" in n for n in moved)
 
 
+def test_temperature_sweep_samples_as_stage_3_and_prices_sharpening_by_hand(checkpoints, tmp_path):
+    """scripts/rl_temperature.py: each row is stage 3's held-out evaluation at that temperature (the same
+    draws), and its KL is to the reference read at --rl.temperature: 0 at that temperature, and otherwise
+    sum_v p_T(v) log(p_T(v) / p_1(v)), checked by hand on one column's logits."""
+    from scripts import rl_temperature
+    args, quiet = rl_args(checkpoints, tmp_path, "--rl.eval_samples=2"), lambda *a: None
+    rows = rl_temperature.main(args + ["--temperatures=1.0,0.5"])
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[0]["change"] == 0.0
+    assert rows[1]["kl"] > 0
+    cfg, _ = rl.parse_args(args + ["--rl.temperature=0.5"])
+    policy, reference, _, prompts, score = rl.build_rl(cfg, torch.device("cpu"), quiet)
+    plain = rl.evaluate(policy, reference, prompts, score, cfg, cfg.system.seed + 1)
+    assert rows[1]["reward"] == pytest.approx(plain["eval_reward"], abs=1e-5)     # the same samples
+    assert rows[1]["change"] == pytest.approx(rows[1]["reward"] - rows[0]["reward"], abs=1e-5)
+    logits = torch.randn(rl.CODE_VOCAB) * 3
+    lp_half, lp_one = rl.code_log_probs(logits, 1, 0.5), rl.code_log_probs(logits, 1, 1.0)
+    p, q = ((logits[:rl.CODEBOOK_SIZE].double() / t).softmax(-1) for t in (0.5, 1.0))   # codebook 1: codes only
+    by_hand = (p * (p / q).log()).sum().item()
+    free = torch.ones(1, 1, dtype=torch.bool)
+    assert rl.exact_kl([lp_half[None]], [lp_one[None]], free).item() == pytest.approx(by_hand, rel=1e-4)
+
+
 def test_missing_or_mismatched_checkpoint_is_one_clear_error(checkpoints, tmp_path, capsys):
     def error_of(*extra):
         with pytest.raises(SystemExit) as exit_info:
