@@ -40,6 +40,9 @@ def corpus(tmp_path):
     return tmp_path / "corpus"
 
 
+NO_EVAL = "--train.eval_samples=0"   # no end-of-run evaluation (greedy decoding), for tests reading no metric
+
+
 def tiny_config(tmp_path, corpus, *overrides):
     cfg, _ = train.parse_args(["--preset=tiny", "--stage=asr", f"--data.corpus={corpus}",
                                f"--train.out_dir={tmp_path / 'out'}", "--system.device=cpu", *overrides])
@@ -91,10 +94,10 @@ def test_labels_cover_only_the_response(tmp_path, corpus):
 
 def test_resume_is_exact(tmp_path, corpus):
     """6 steps straight vs 3 steps + resume to 6: the same losses, bit for bit."""
-    straight = train.train(tiny_config(tmp_path, corpus, "--train.max_steps=6", "--train.out_dir=a"),
-                           log=lambda *a: None)
+    straight = train.train(tiny_config(tmp_path, corpus, "--train.max_steps=6", "--train.out_dir=a",
+                                       NO_EVAL), log=lambda *a: None)
     train.train(tiny_config(tmp_path, corpus, "--train.max_steps=3", "--train.out_dir=b"), log=lambda *a: None)
-    resumed = train.train(tiny_config(tmp_path, corpus, "--train.max_steps=6", "--train.out_dir=b"),
+    resumed = train.train(tiny_config(tmp_path, corpus, "--train.max_steps=6", "--train.out_dir=b", NO_EVAL),
                           resume=True, log=lambda *a: None)
     assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]
     assert len(resumed) == 6                        # the log holds the first run's 3 rows + 3 new ones
@@ -115,16 +118,17 @@ def test_prefetched_batches_are_the_inline_ones(tmp_path, corpus):
         next(train.Prefetcher(broken, iter(range(3)), depth=2))
 
     runs = [train.train(tiny_config(tmp_path, corpus, "--train.max_steps=4", f"--system.prefetch={depth}",
-                                    f"--train.out_dir=p{depth}"), log=lambda *a: None) for depth in (0, 2)]
+                                    f"--train.out_dir=p{depth}", NO_EVAL), log=lambda *a: None)
+            for depth in (0, 2)]
     assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
 
 
 def test_stage2_starts_from_stage1_and_mismatches_are_clear(tmp_path, corpus):
-    train.train(tiny_config(tmp_path, corpus, "--train.max_steps=2"), log=lambda *a: None)
+    train.train(tiny_config(tmp_path, corpus, "--train.max_steps=2", NO_EVAL), log=lambda *a: None)
     said = []
     train.train(tiny_config(tmp_path, corpus, "--train.max_steps=1", "--stage=instruct",
-                            f"--train.init_from={tmp_path / 'out'}", "--data.mix=(('transcribe', 1.0),)"),
-                log=said.append)
+                            f"--train.init_from={tmp_path / 'out'}", "--data.mix=(('transcribe', 1.0),)",
+                            NO_EVAL), log=said.append)
     assert any("initialised" in line for line in said)
     with pytest.raises(config.ConfigError, match="another preset, projector or --lora"):
         train.train(tiny_config(tmp_path, corpus, "--train.max_steps=1", "--lora.targets=('o_proj',)",
@@ -136,7 +140,8 @@ def test_more_train_corpora_join_the_training_rows(tmp_path, corpus):
     questions = [{**row, "task": "instruct", "prompt": "Answer the spoken question.", "response": "nine"}
                  for row in data.read_manifest(corpus / "train.jsonl")[:4]]
     data.write_manifest(tmp_path / "questions" / "train.jsonl", questions)
-    only_instruct = ("--stage=instruct", "--train.max_steps=1", "--data.mix=(('instruct', 1.0),)")
+    only_instruct = ("--stage=instruct", "--train.max_steps=1", "--data.mix=(('instruct', 1.0),)",
+                     NO_EVAL)
     with pytest.raises(ValueError, match=r"tasks \['instruct'\]"):
         train.train(tiny_config(tmp_path, corpus, *only_instruct), log=lambda *a: None)
     rows = train.train(tiny_config(tmp_path, corpus, *only_instruct,
@@ -159,7 +164,7 @@ def test_cli_user_errors_are_one_line(tmp_path, corpus, capsys):
 
 def test_infer_streams_only_the_answer_to_stdout(tmp_path, corpus, capsys):
     import infer
-    cfg = tiny_config(tmp_path, corpus, "--train.max_steps=2")
+    cfg = tiny_config(tmp_path, corpus, "--train.max_steps=2", NO_EVAL)
     train.train(cfg, log=lambda *a: None)
     audio_lm = infer.load_trained(tmp_path / "out", "cpu")
     wav = data.read_manifest(corpus / "test.jsonl")[0]["audio"]
