@@ -1,5 +1,7 @@
 """Shared test helpers: a `parity` fixture that asserts a max-abs difference and collects it, so the
 end of every test run prints one table of "ours vs reference" numbers (the figures the README quotes)."""
+import json
+
 import pytest
 import torch
 
@@ -24,6 +26,17 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The suite runs on every core through pytest-xdist (pytest.ini): each worker process fills its own PARITY,
+# so a worker hands its rows to the main process when it finishes, and the table prints there.
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):                            # in an xdist worker
+        session.config.workeroutput["parity"] = json.dumps(PARITY)
+
+
+def pytest_testnodedown(node, error):                                      # in the main process: a worker ended
+    PARITY.extend(tuple(row) for row in json.loads(getattr(node, "workeroutput", {}).get("parity", "[]")))
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -84,6 +84,7 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")   # torch's note on the hostile file's pickle
 def test_a_malicious_pickle_is_refused_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     payload = pickle.dumps(Evil(marker))
