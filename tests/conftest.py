@@ -35,6 +35,7 @@ def pytest_sessionfinish(session):
         session.config.workeroutput["parity"] = json.dumps(PARITY)
 
 
+@pytest.hookimpl(optionalhook=True)                                        # an xdist hook: fine without it
 def pytest_testnodedown(node, error):                                      # in the main process: a worker ended
     PARITY.extend(tuple(row) for row in json.loads(getattr(node, "workeroutput", {}).get("parity", "[]")))
 
