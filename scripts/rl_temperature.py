@@ -22,6 +22,8 @@ import torch
 
 import config
 import rl
+from checkpoint import CheckpointCorrupt
+from weights import CheckpointError
 
 
 def sweep(policy, reference, prompts, score, cfg, temperatures, log=print):
@@ -67,5 +69,5 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except config.ConfigError as err:
+    except (config.ConfigError, CheckpointError, CheckpointCorrupt) as err:   # user mistakes: one line
         sys.exit(f"error: {err}")
