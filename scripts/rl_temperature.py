@@ -44,7 +44,7 @@ def sweep(policy, reference, prompts, score, cfg, temperatures, log=print):
                      "better": int((change > 0).sum())})
         r = rows[-1]
         log(f"temperature {t:.2f}: judge reward {r['reward']:.3f} nats/token, change {r['change']:+.3f} "
-            f"(se {se:.3f}, {r['better']} of {len(change)} prompts better), KL to the reference "
+            f"(se {r['change_se']:.3f}, {r['better']} of {len(change)} prompts better), KL to the reference "
             f"{r['kl']:.4f} nats/column, {r['seconds']:.2f} s of speech")
     return rows
 
@@ -54,7 +54,10 @@ def main(argv):
     rest = []
     for a in argv:
         if a.startswith("--temperatures="):
-            temperatures = [float(t) for t in a.split("=", 1)[1].split(",")]
+            try:
+                temperatures = [float(t) for t in a.split("=", 1)[1].split(",")]
+            except ValueError:
+                sys.exit(f"error: {a}: give numbers separated by commas, e.g. --temperatures=1.0,0.8")
         else:
             rest.append(a)
     if any(t <= 0 for t in temperatures):
