@@ -71,10 +71,8 @@ class CrossAttentionBlock(nn.Module):
 class PerceiverAdapter(nn.Module):
     """audio states (B, T, d_audio) + lengths (B,) -> (B, n_latents, d_llm), whatever T is."""
 
-    def __init__(self, d_audio, d_llm, n_latents=32, dim=512, n_heads=8, n_layers=2, embed_rms=1.0,
-                 time_prior=0.0):
+    def __init__(self, d_audio, d_llm, n_latents=32, dim=512, n_heads=8, n_layers=2, embed_rms=1.0):
         super().__init__()
-        self.time_prior = time_prior                                              # 0 = off; see time_bias
         self.latents = nn.Parameter(torch.randn(n_latents, dim) * 0.02)          # the N learned queries
         self.in_proj = nn.Linear(d_audio, dim)
         self.cross = CrossAttentionBlock(dim, n_heads)                           # latents read the audio
@@ -86,29 +84,15 @@ class PerceiverAdapter(nn.Module):
         with torch.no_grad():
             self.out_scale.weight.fill_(embed_rms)
 
-    def time_bias(self, lengths, T):
-        """(B, 1, N, T) float, added to the latents' attention scores over the audio. Latent n is drawn to
-        the n-th N-th of its clip: -d^2 / 2 where d = (where in the clip - where latent n sits) in units of
-        time_prior / N of the clip. So with time_prior 1 latent n reads mostly its own N-th (the bias is
-        -2 one N-th away, -4.5 two away), an ordered summary like the audio LM's frame stacking, from the
-        first step on; what each latent hears there still comes from the learned attention. Padded columns
-        get -inf. Depends only on each clip's own length, so padding leaves the output unchanged."""
-        N, device = self.latents.size(0), lengths.device
-        where = (torch.arange(T, device=device) + 0.5) / lengths[:, None]                # (B, T), 0..1 in the clip
-        seat = (torch.arange(N, device=device) + 0.5) / N                                # (N,)
-        d = (where[:, None, :] - seat[None, :, None]) * N / max(self.time_prior, 1e-6)   # (B, N, T)
-        bias = -0.5 * d.pow(2) if self.time_prior > 0 else torch.zeros_like(d)
-        return bias.masked_fill(where[:, None, :] > 1, float("-inf"))[:, None]           # (B, 1, N, T)
-
     def forward(self, states, lengths):
         B, T, _ = states.size()
         N = self.latents.size(0)
-        audio_mask = self.time_bias(lengths, T)                                                 # (B, 1, N, T)
-        both_mask = torch.cat([audio_mask, audio_mask.new_zeros(B, 1, N, N)], dim=-1)           # (B, 1, N, T + N)
+        audio_mask = torch.arange(T, device=states.device) < lengths[:, None]                     # (B, T)
+        both_mask = torch.cat([audio_mask, audio_mask.new_ones(B, N)], dim=1)                     # (B, T + N)
         audio = self.in_proj(states)                                                              # (B, T, dim)
-        x = self.cross(self.latents.expand(B, -1, -1), audio, audio_mask)                        # (B, N, dim)
+        x = self.cross(self.latents.expand(B, -1, -1), audio, audio_mask[:, None, None, :])      # (B, N, dim)
         for block in self.blocks:
-            x = block(x, torch.cat([audio, x], dim=1), both_mask)
+            x = block(x, torch.cat([audio, x], dim=1), both_mask[:, None, None, :])
         return self.out_scale(self.out_proj(self.out_norm(x)))                                   # (B, N, d_llm)
 
 
@@ -225,7 +209,7 @@ def build_align_model(cfg, device, log=print):
         quantize_int8_(llm)
     a = cfg.adapter
     adapter = PerceiverAdapter(cfg.speechlm.d_model, llm.cfg.d_model, a.n_latents, a.d_model, a.n_heads,
-                               a.n_layers, embed_rms, a.time_prior)
+                               a.n_layers, embed_rms)
     model = AlignModel(speechlm, adapter, llm, tokenizer, a.speechlm_layer, a.distill_weight, a.prompt)
     model = model.to(device)
     log(f"adapter: {cfg.adapter.n_latents} latents, {sum(p.numel() for p in adapter.parameters()) / 1e6:.1f}M "

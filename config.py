@@ -140,8 +140,6 @@ class AdapterConfig:
     distill_weight: float = 1.0  # weight of the KL(teacher-with-transcript || student-with-adapter) term
     d_model: int = 512           # width of the latents inside the adapter
     n_heads: int = 8             # attention heads of the adapter's cross-attention blocks
-    time_prior: float = 0.0      # > 0: latent n starts out reading the n-th N-th of the clip (a Gaussian bias
-                                 # on its attention, this many N-ths wide); 0 = off: every latent, everywhere
     speechlm_layer: int = 4      # the adapter reads the output of this SpeechLM block (1..n_layers)
     speechlm_checkpoint: str = "out/speechlm"   # stage-1 output folder (train.py's out_dir of --stage=speechlm)
     prompt: str = "Transcribe the audio."       # the instruction after the adapter vectors

@@ -63,8 +63,7 @@ def log_mel_spectrogram(audio, n_mels=80):
 
 def attention(q, k, v, mask=None, is_causal=False, manual=False):
     """q (B, nh, Tq, hs), k/v (B, nkv, Tk, hs) with nh a multiple of nkv (grouped-query attention).
-    mask: bool (True = may attend) or float (added to the scores; -inf = may not), broadcastable to
-    (B, nh, Tq, Tk). Returns (B, nh, Tq, hs)."""
+    mask: bool, True = may attend, broadcastable to (B, nh, Tq, Tk). Returns (B, nh, Tq, hs)."""
     if not manual:   # fused kernel (flash / memory-efficient on GPU); same maths as below
         # `True if .. else False`: under torch.compile with a dynamic length, `T > 1` is a symbolic bool
         # that SDPA refuses; the `if` turns it into a plain one (and a guard)
@@ -76,10 +75,8 @@ def attention(q, k, v, mask=None, is_causal=False, manual=False):
     if is_causal:
         Tq, Tk = scores.shape[-2:]
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-    if mask is not None and mask.dtype == torch.bool:
+    if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    elif mask is not None:
-        scores = scores + mask
     return scores.float().softmax(dim=-1).to(q.dtype) @ v
 
 
