@@ -154,16 +154,25 @@ class AlignModel(nn.Module):
     @torch.no_grad()
     def transcribe(self, codes, prompt=None, max_new_tokens=48):
         """One clip's codes (K, T) -> the LLM's greedy answer to `prompt` (default: the training prompt)."""
+        return self.transcribe_many([codes], prompt, max_new_tokens)[0]
+
+    @torch.no_grad()
+    def transcribe_many(self, clips, prompt=None, max_new_tokens=48):
+        """Several clips' codes [(K, T_i), ...] -> the LLM's greedy answers, decoded side by side. Every clip
+        becomes exactly N vectors, so all the prompts have one length and need no padding; a batch of 8 costs
+        a CPU about what one clip costs, since each new token reads all the LLM's weights once either way."""
         device = self.adapter.latents.device
-        vectors = self.audio_vectors(codes[None].to(device), torch.tensor([codes.size(1)], device=device))
+        codes, lengths = pad_stack(clips)                                           # (B, K, T), (B,)
+        vectors = self.audio_vectors(codes.to(device), lengths.to(device))          # (B, N, d_llm)
         ids, audio_mask, _ = chat_example(self.tokenizer, f"{AUDIO_MARKER}\n{prompt or self.prompt}",
                                           vectors.size(1), "")
         n_prefix = len(ids) - 1                                               # drop the empty answer's end
-        embeds = self.llm.embed_tokens(ids[None, :n_prefix].to(device))
-        embeds = embeds.masked_scatter(audio_mask[None, :n_prefix, None].to(device), vectors.to(embeds.dtype))
+        embeds = self.llm.embed_tokens(ids[None, :n_prefix].to(device)).expand(len(clips), -1, -1)
+        slots = audio_mask[None, :n_prefix, None].to(device)                  # the same N slots in every row
+        embeds = embeds.masked_scatter(slots, vectors.to(embeds.dtype))       # (B, n_prefix, d_llm)
         eot = self.tokenizer.end_of_turn_id
-        out = self.llm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, eos_id=eot)[0].tolist()
-        return self.tokenizer.decode([t for t in out if t != eot]).strip()
+        out = self.llm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, eos_id=eot).tolist()
+        return [self.tokenizer.decode([t for t in row if t != eot]).strip() for row in out]
 
 
 # -----------------------------------------------------------------------------
@@ -276,7 +285,8 @@ def build_align_stage(cfg, device, log=print):
             parts = [align_batch(held_out[s: s + B], tokenizer, N, cfg.adapter.prompt)
                      for s in range(0, len(held_out), B)]
             losses = [net(**{k: v.to(device) for k, v in p.items()}).item() for p in parts]
-            heard = [net.transcribe(e["codes"]) for e in held_out]
+            heard = [answer for s in range(0, len(held_out), B)
+                     for answer in net.transcribe_many([e["codes"] for e in held_out[s: s + B]])]
             metrics = {"test_loss": sum(losses) / len(losses),
                        **transcript_metrics([e["text"] for e in held_out], heard)}
             if cfg.adapter.eval_generate:

@@ -97,6 +97,19 @@ def test_tiny_stage2_trains_only_the_adapter_and_loss_falls(tmp_path):
     assert after < before - 0.05, (before, after)
     metrics = stage.evaluate()
     assert {"test_loss", "wer", "wer_median", "long_answers", "generated_said"} <= set(metrics)
+    # the evaluation decodes clips side by side: each row of the LLM's input is what that clip alone gives
+    # (its audio vectors in the N slots, whatever the padding), and the answers are the same, in order
+    prefixes, generate = [], stage.model.llm.generate
+    stage.model.llm.generate = lambda **kw: prefixes.append(kw["inputs_embeds"]) or generate(**kw)   # a spy
+    clips = [torch.randint(0, 1024, (len(lm.heads), T), generator=torch.Generator().manual_seed(T))
+             for T in (5, 12, 9)]
+    together = stage.model.transcribe_many(clips, max_new_tokens=6)
+    assert together == [stage.model.transcribe(c, max_new_tokens=6) for c in clips]
+    side_by_side, alone = prefixes[0], prefixes[1:]
+    assert side_by_side.shape[0] == 3
+    for row, single in zip(side_by_side, alone):
+        assert torch.allclose(row, single[0], atol=1e-5)
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)     # different audio, different inputs
 
 
 def test_transcript_metrics_by_hand():

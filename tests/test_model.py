@@ -147,6 +147,12 @@ def test_generate_greedy_eos_and_streaming(tmp_path):
     k = max(i for i in range(8) if first[i] not in first[:i])   # the last token that is new in the output
     stopped = llm.generate(prompt, max_new_tokens=8, eos_id=first[k])   # pretend it is end-of-sequence
     assert stopped[0].tolist() == first[:k + 1]
+    # rows decode side by side as each would alone; a row that has ended is padded with eos_id
+    other = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(1))
+    both = llm.generate(torch.cat([prompt, other]), max_new_tokens=8, eos_id=first[k])
+    alone = llm.generate(other, max_new_tokens=8, eos_id=first[k])
+    assert both[0].tolist()[: k + 1] == first[: k + 1] and set(both[0].tolist()[k + 1:]) <= {first[k]}
+    assert both[1].tolist()[: alone.size(1)] == alone[0].tolist()
     sampled = llm.generate(prompt, max_new_tokens=4, temperature=1.0, top_k=1)   # top-1 sampling = greedy
     assert sampled[0].tolist() == out[0, :4].tolist()
 
