@@ -130,7 +130,8 @@ def test_compiled_decode_step_equals_eager(parity):
 @pytest.mark.parametrize("decode", ["cuda_graph", "compiled_graph"])
 def test_cuda_graph_generate_equals_loop(decode):
     """On a GPU (fp32): generate() through a recorded graph gives the readable loop's tokens, twice in a
-    row (the second call reuses the graph), with eos and streaming intact."""
+    row (the second call reuses the graph), with eos and streaming intact; and for three prompts side by
+    side (stage 2's evaluation), whose rows end at different steps."""
     llm = tiny_llama().cuda().eval()
     prompt = torch.randint(0, 128, (1, 7), device="cuda")
     llm.cfg.decode = "loop"
@@ -142,6 +143,11 @@ def test_cuda_graph_generate_equals_loop(decode):
         assert got.tolist() == expected.tolist() and streamed == expected[0].tolist()
     eos = expected[0, 5].item()
     assert llm.generate(prompt, max_new_tokens=20, eos_id=eos)[0, -1].item() == eos
+    prompts = torch.randint(0, 128, (3, 7), device="cuda")
+    llm.cfg.decode = "loop"
+    expected = llm.generate(prompts, max_new_tokens=20, eos_id=eos)
+    llm.cfg.decode = decode
+    assert llm.generate(prompts, max_new_tokens=20, eos_id=eos).tolist() == expected.tolist()
 
 
 # -----------------------------------------------------------------------------
