@@ -7,7 +7,8 @@ Lesson: a Perceiver adapter turns audio of any length into exactly N LLM vectors
   - the distillation term is the KL divergence, checked against torch's own kl_div, and 0 when the
     student's distribution equals the teacher's;
   - a missing stage-1 checkpoint is one clear error line;
-  - the tiny preset's stage 2 trains: with SpeechLM and LLM frozen, only the adapter learns, and its loss falls.
+  - the tiny preset's stage 2 trains: with SpeechLM and LLM frozen, only the adapter learns, and its loss falls;
+    its evaluation decodes clips side by side, each row fed exactly what that clip alone gives the LLM.
   - --system.precision reaches the frozen parts (bf16 weights, or int8 Linear layers); the adapter stays fp32.
   - stage-1 checkpoints load with their hearing-loss head, and those from before the hearing loss without one.
 
