@@ -161,7 +161,8 @@ class AlignModel(nn.Module):
         """Several clips' codes [(K, T_i), ...] -> the LLM's greedy answers, decoded side by side. Every clip
         becomes exactly N vectors, so all the prompts have one length and need no padding. A new token reads
         all the LLM's weights once however many rows it serves (on a 2-core CPU ~230 ms for 8 rows, ~180 ms
-        for 1); but a batch runs until its longest answer ends: 48 clips took 64 s in batches of 8, 123 s alone."""
+        for 1); but a batch runs until its longest answer ends: 48 clips took 64 s in batches of 8, 123 s
+        one at a time."""
         device = self.adapter.latents.device
         codes, lengths = pad_stack(clips)                                           # (B, K, T), (B,)
         vectors = self.audio_vectors(codes.to(device), lengths.to(device))          # (B, N, d_llm)
