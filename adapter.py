@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from config import ConfigError, choose_precision
 from data import Stage, normalize_text, word_error_rate
@@ -287,8 +288,9 @@ def build_align_stage(cfg, device, log=print):
             parts = [align_batch(held_out[s: s + B], tokenizer, N, cfg.adapter.prompt)
                      for s in range(0, len(held_out), B)]
             losses = [net(**{k: v.to(device) for k, v in p.items()}).item() for p in parts]
-            heard = [answer for s in range(0, len(held_out), B)
-                     for answer in net.transcribe_many([e["codes"] for e in held_out[s: s + B]])]
+            heard = []
+            for s in tqdm(range(0, len(held_out), B), desc="eval: transcribing", unit="batch", leave=False):
+                heard += net.transcribe_many([e["codes"] for e in held_out[s: s + B]])
             metrics = {"test_loss": sum(losses) / len(losses),
                        **transcript_metrics([e["text"] for e in held_out], heard)}
             if cfg.adapter.eval_generate:

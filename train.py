@@ -66,7 +66,8 @@ def evaluate_audio_lm(audio_lm, test_rows, features, cfg, device, log=print):
             continue
         answers = [audio_lm.generate(prompt=r["prompt"], features=features[r["audio"]], max_new_tokens=48)
                    if features is not None else
-                   audio_lm.generate(data.load_audio(r["audio"]), r["prompt"], max_new_tokens=48) for r in chosen]
+                   audio_lm.generate(data.load_audio(r["audio"]), r["prompt"], max_new_tokens=48)
+                   for r in tqdm(chosen, desc=f"eval: {task}", unit="clip", leave=False)]
         if task == "instruct":
             right = [data.normalize_text(a) == data.normalize_text(r["response"]) for a, r in zip(answers, chosen)]
             metrics[name] = sum(right) / len(right)
