@@ -83,6 +83,27 @@ def test_padding_does_not_change_the_loss(tmp_path, corpus, cache):
     assert together[key][0] < together[key][1]                     # the first clip really was padded
 
 
+def test_eval_answers_side_by_side_are_each_rows_answer_alone(tmp_path, corpus):
+    """The evaluation decodes rows of one token length together (train.greedy_answers): each row's LLM input
+    is what AudioLM.generate builds for it alone, and so are the answers, in the rows' order."""
+    audio_lm = weights.build_audio_lm(tiny_config(tmp_path, corpus), log=lambda *a: None).eval()
+    frames = [20, 20, 26, 20, 26, 33]             # stack 2: 10, 10, 13, 10, 13 and 17 audio tokens
+    generator = torch.Generator().manual_seed(0)
+    features = {f"clip{i}": torch.randn(n, audio_lm.encoder.cfg.d_model, generator=generator)
+                for i, n in enumerate(frames)}
+    rows = [{"audio": f"clip{i}", "prompt": "Transcribe the audio."} for i in range(len(frames))]
+    prefixes, generate = [], audio_lm.llm.generate
+    audio_lm.llm.generate = lambda **kw: prefixes.append(kw["inputs_embeds"]) or generate(**kw)   # a spy
+    together = train.greedy_answers(audio_lm, rows, features, batch_size=2)
+    batched, n = prefixes[:], len(prefixes)
+    alone = [audio_lm.generate(prompt=r["prompt"], features=features[r["audio"]], max_new_tokens=48) for r in rows]
+    assert together == alone
+    assert [p.size(0) for p in batched] == [2, 1, 2, 1]          # 10 tokens: 2 + 1 rows; 13: 2; 17: 1
+    for row, i in zip([row for p in batched for row in p], [0, 1, 3, 2, 4, 5]):   # in the grouped order
+        assert torch.allclose(row, prefixes[n + i][0], atol=1e-5)
+    assert not torch.allclose(prefixes[n], prefixes[n + 1], atol=1e-3)   # different audio, different inputs
+
+
 def test_labels_cover_only_the_response(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus)
     audio_lm = weights.build_audio_lm(cfg, log=lambda *a: None)
