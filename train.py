@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import config
@@ -53,22 +54,19 @@ def greedy_answers(audio_lm, rows, features, batch_size, max_new_tokens=48):
     changes, while a new token reads every weight once for all the rows (on a 2-core CPU, the 300 test
     transcripts of `make train` took 91 s so, 315 s one at a time)."""
     device, eot = audio_lm.llm.embed_tokens.weight.device, audio_lm.tokenizer.end_of_turn_id
-    frames = [features[r["audio"]].size(0) for r in rows]
-    examples = [audio_lm.build_example(r["prompt"], int(audio_lm.projector.audio_token_count(torch.tensor([n]))))
-                for r, n in zip(rows, frames)]
+    frames = torch.tensor([features[r["audio"]].size(0) for r in rows])                 # encoder frames
+    counts = audio_lm.projector.audio_token_count(frames).tolist()                     # audio tokens
+    examples = [audio_lm.build_example(r["prompt"], n) for r, n in zip(rows, counts)]
     same_length = {}
     for i, (ids, _, _) in enumerate(examples):
         same_length.setdefault(len(ids), []).append(i)
     groups = [g[k: k + batch_size] for g in same_length.values() for k in range(0, len(g), batch_size)]
     answers = [None] * len(rows)
     for group in tqdm(groups, desc="eval: answering", unit="batch", leave=False):
-        clips = torch.zeros(len(group), max(frames[i] for i in group), features[rows[group[0]]["audio"]].size(1))
-        for j, i in enumerate(group):                                     # (B, frames, d_audio), right-padded
-            clips[j, : frames[i]] = features[rows[i]["audio"]].float()
+        clips = pad_sequence([features[rows[i]["audio"]].float() for i in group], batch_first=True)
         ids = torch.tensor([examples[i][0] for i in group], device=device)                 # (B, T)
         audio_mask = torch.tensor([examples[i][1] for i in group], device=device)
-        lengths = torch.tensor([frames[i] for i in group], device=device)
-        embeds = audio_lm.embed(ids, audio_mask, clips.to(device), lengths)
+        embeds = audio_lm.embed(ids, audio_mask, clips.to(device), frames[group].to(device))   # (B, T, C)
         out = audio_lm.llm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, eos_id=eot).tolist()
         for i, tokens in zip(group, out):
             answers[i] = audio_lm.tokenizer.decode([t for t in tokens if t != eot])
