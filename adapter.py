@@ -28,6 +28,7 @@ Run:
 Simplified on purpose: one adapter layer choice (the output of one SpeechLM block), no LoRA on the LLM in
 this stage, the teacher sees the transcript in place of the audio with the same instruction.
 """
+import os
 from pathlib import Path
 
 import torch
@@ -107,6 +108,25 @@ def distillation_kl(teacher_logits, student_logits):
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
+def ctc_token_loss(vectors, labels, embeddings, blank_id, end_id, temperature=0.05):
+    """CTC of the N adapter vectors against the answer's tokens, with no LLM pass: the cheap warm-up.
+
+    Each vector is read as the LLM's embedding table would "read" it: its cosine to every token's embedding,
+    over `temperature`, is a distribution over the vocabulary. CTC (Graves et al. 2006) then sums over every
+    way the N vectors can spell the answer in order, with `blank_id` (a plain space: the LLM reads it as
+    nothing) or a repeat between tokens. So the adapter learns to lay the transcript out as N vectors near
+    the right token embeddings, in order: close to what the LLM reads when it is given the text. It costs
+    one (N x d) @ (d x vocab) product per clip, against a forward and backward pass of the whole LLM.
+    vectors (B, N, d_llm); labels (B, L) as chat_example's (the answer and its end of turn, else -100)."""
+    scores = F.normalize(vectors.float(), dim=-1) @ F.normalize(embeddings.float(), dim=-1).T   # (B, N, V)
+    log_probs = (scores / temperature).log_softmax(-1).transpose(0, 1)                     # (N, B, V)
+    keep = (labels != -100) & (labels != end_id) & (labels != blank_id)                    # the answer's tokens
+    lengths = keep.sum(1)
+    N = vectors.size(1)
+    return F.ctc_loss(log_probs, labels[keep], torch.full_like(lengths, N), lengths, blank=blank_id,
+                      zero_infinity=True)                    # an answer that N vectors cannot spell adds 0
+
+
 def chat_example(tokenizer, user, n_audio, answer):
     """Token ids, audio mask and labels of `[chat prefix] [user text, with n_audio slots at AUDIO_MARKER]
     [answer] [end of turn]`; labels are -100 except on the answer and the end of turn."""
@@ -143,8 +163,31 @@ class AlignModel(nn.Module):
         rows = labels[:, 1:] != -100                                                # position t predicts t + 1
         return self.llm.lm_head(hidden[:, :-1][rows])
 
-    def forward(self, codes, code_lengths, input_ids, audio_mask, labels, teacher_ids, teacher_labels):
-        student = self.answer_logits(input_ids, labels, audio_mask, self.audio_vectors(codes, code_lengths))
+    def blank_id(self):
+        return (self.tokenizer.encode(" ") or [self.tokenizer.pad_id])[-1]      # a plain space
+
+    def ctc_loss(self, vectors, labels):
+        """ctc_token_loss against this LLM's embedding table."""
+        return ctc_token_loss(vectors, labels, self.llm.embed_tokens.weight, self.blank_id(),
+                              self.tokenizer.end_of_turn_id)
+
+    @torch.no_grad()
+    def spell(self, codes, code_lengths):
+        """What the N vectors spell by themselves, with no LLM: each one's nearest token embedding (by
+        cosine), repeats merged, blanks dropped: CTC's greedy reading, the warm-up's own transcript."""
+        vectors = self.audio_vectors(codes, code_lengths)
+        nearest = (F.normalize(vectors.float(), dim=-1)
+                   @ F.normalize(self.llm.embed_tokens.weight.float(), dim=-1).T).argmax(-1).tolist()
+        blank = self.blank_id()
+        return [self.tokenizer.decode([t for n, t in enumerate(row) if t != blank and (n == 0 or t != row[n - 1])])
+                .strip() for row in nearest]
+
+    def forward(self, codes, code_lengths, input_ids, audio_mask, labels, teacher_ids, teacher_labels,
+                ctc_only=False):
+        vectors = self.audio_vectors(codes, code_lengths)
+        if ctc_only:                                           # the warm-up steps: no LLM pass at all
+            return self.ctc_loss(vectors, labels)
+        student = self.answer_logits(input_ids, labels, audio_mask, vectors)
         loss = F.cross_entropy(student.float(), labels[:, 1:][labels[:, 1:] != -100])
         if self.distill_weight > 0:
             with torch.no_grad():                                                  # the same answer tokens
@@ -273,11 +316,15 @@ def build_align_stage(cfg, device, log=print):
     train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log)
     test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log)
     B, N, seed = cfg.train.batch_size, cfg.adapter.n_latents, cfg.system.seed
+    # train.py numbers micro-batch i of step s (s * grad_accum + micro) * world + rank: the warm-up's steps
+    # are the first ctc_steps * per_step batches, however many GPUs and micro-batches a step has
+    per_step = cfg.train.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
 
     def batch(i):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)                # a pure function of i
         chosen = torch.randint(len(train_examples), (B,), generator=generator).tolist()
-        return align_batch([train_examples[j] for j in chosen], tokenizer, N, cfg.adapter.prompt)
+        return dict(align_batch([train_examples[j] for j in chosen], tokenizer, N, cfg.adapter.prompt),
+                    ctc_only=i < cfg.adapter.ctc_steps * per_step)
 
     def evaluate(net=None):
         net = model if net is None else net
@@ -288,11 +335,15 @@ def build_align_stage(cfg, device, log=print):
             parts = [align_batch(held_out[s: s + B], tokenizer, N, cfg.adapter.prompt)
                      for s in range(0, len(held_out), B)]
             losses = [net(**{k: v.to(device) for k, v in p.items()}).item() for p in parts]
-            heard = []
+            heard, spelled = [], []
             for s in tqdm(range(0, len(held_out), B), desc="eval: transcribing", unit="batch", leave=False):
                 heard += net.transcribe_many([e["codes"] for e in held_out[s: s + B]])
-            metrics = {"test_loss": sum(losses) / len(losses),
-                       **transcript_metrics([e["text"] for e in held_out], heard)}
+            said = [e["text"] for e in held_out]
+            metrics = {"test_loss": sum(losses) / len(losses), **transcript_metrics(said, heard)}
+            if cfg.adapter.ctc_steps:                  # what the vectors spell alone (CTC's greedy reading)
+                for p in parts:
+                    spelled += net.spell(p["codes"].to(device), p["code_lengths"].to(device))
+                metrics["ctc_wer"] = word_error_rate(said, spelled)
             if cfg.adapter.eval_generate:
                 metrics["generated_said"], metrics["generated_wer"] = judge_generated(
                     net, test_examples[: cfg.adapter.eval_generate], cfg)

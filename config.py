@@ -138,6 +138,8 @@ class AdapterConfig:
     n_latents: int = 32          # N: how many LLM embeddings any audio becomes
     n_layers: int = 2            # blocks after the first cross-attention: latents attend to [audio ; latents]
     distill_weight: float = 1.0  # weight of the KL(teacher-with-transcript || student-with-adapter) term
+    ctc_steps: int = 0           # first steps train on CTC of the vectors against the transcript's token
+                                 # embeddings alone, with no LLM pass (adapter.ctc_token_loss)
     d_model: int = 512           # width of the latents inside the adapter
     n_heads: int = 8             # attention heads of the adapter's cross-attention blocks
     speechlm_layer: int = 4      # the adapter reads the output of this SpeechLM block (1..n_layers)

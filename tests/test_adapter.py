@@ -4,6 +4,7 @@ Lesson: a Perceiver adapter turns audio of any length into exactly N LLM vectors
   - N learned queries cross-attend to the audio: the output has N rows for 1 frame or 300 frames;
   - padded frames are masked out of the keys, so padding a clip (alone or inside a batch) changes nothing,
     also through the frozen SpeechLM, whose causal attention never lets a real frame see the padding;
+  - the CTC warm-up loss equals the sum over its alignments written out by hand, and its steps run no LLM;
   - the distillation term is the KL divergence, checked against torch's own kl_div, and 0 when the
     student's distribution equals the teacher's;
   - a missing stage-1 checkpoint is one clear error line;
@@ -70,15 +71,21 @@ def test_missing_stage1_checkpoint_is_one_clear_error(tmp_path):
         adapter.build_align_stage(cfg, torch.device("cpu"), log=lambda *a: None)
 
 
-def test_tiny_stage2_trains_only_the_adapter_and_loss_falls(tmp_path):
+def tiny_align_stage(tmp_path, *overrides):
+    """The tiny preset's stage 2 on a coded corpus, over a fresh SpeechLM saved as its stage-1 checkpoint."""
     corpus = make_coded_corpus(tmp_path / "corpus")
     cfg = config.get_config("tiny", [f"--data.corpus={corpus}", "--train.eval_samples=2",
-                                     "--speechlm.max_seconds=0.5", f"--adapter.speechlm_checkpoint={tmp_path}/s1"])
+                                     "--speechlm.max_seconds=0.5", f"--adapter.speechlm_checkpoint={tmp_path}/s1",
+                                     *overrides])
     lm, _ = speechlm.build_speechlm(cfg, log=lambda *a: None)                 # stand-in for a stage-1 run
     (tmp_path / "s1" / "ckpt").mkdir(parents=True)
     state = speechlm.SpeechLMTraining(lm, 1.0).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "s1/ckpt/model.safetensors"))
-    stage = adapter.build_align_stage(cfg, torch.device("cpu"), log=lambda *a: None)
+    return adapter.build_align_stage(cfg, torch.device("cpu"), log=lambda *a: None), lm
+
+
+def test_tiny_stage2_trains_only_the_adapter_and_loss_falls(tmp_path):
+    stage, lm = tiny_align_stage(tmp_path)
     trainable = {n for n, p in stage.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("adapter.") for n in trainable)
     assert torch.equal(stage.model.speechlm.heads[0].weight, lm.heads[0].weight)  # stage-1 weights loaded
@@ -111,6 +118,57 @@ def test_tiny_stage2_trains_only_the_adapter_and_loss_falls(tmp_path):
     for row, single in zip(side_by_side, alone):
         assert torch.allclose(row, single[0], atol=1e-5)
     assert not torch.allclose(alone[0], alone[1], atol=1e-3)     # different audio, different inputs
+
+
+def test_ctc_warmup_loss_by_hand():
+    torch.manual_seed(0)
+    embeddings, temperature, blank, end = torch.randn(5, 3), 0.5, 0, 4         # tokens 0..4: 0 blank, 4 end
+    vectors = torch.randn(1, 3, 3)                                              # N = 3 vectors
+    p = (F.normalize(vectors[0], dim=-1) @ F.normalize(embeddings, dim=-1).T / temperature).softmax(-1)
+
+    def loss(answer):
+        labels = torch.tensor([[-100, -100, *answer, end]])
+        return adapter.ctc_token_loss(vectors, labels, embeddings, blank, end, temperature).item()
+
+    # answer [3]: every way 3 vectors spell it is 3 once or more, blanks before and after (6 paths)
+    paths = ["3bb", "b3b", "bb3", "33b", "b33", "333"]
+    prob = sum(torch.prod(torch.stack([p[n, blank if c == "b" else int(c)] for n, c in enumerate(path)]))
+               for path in paths)
+    assert loss([3]) == pytest.approx(-prob.log().item(), rel=1e-5)
+    # answer [3, 3]: a repeat must have a blank between, so 3 vectors have one path; torch's 'mean'
+    # divides by the answer's length
+    assert loss([3, 3]) == pytest.approx(-(p[0, 3] * p[1, blank] * p[2, 3]).log().item() / 2, rel=1e-5)
+    assert loss([1, 2, 3, 1]) == 0.0          # 4 tokens cannot be spelled by 3 vectors: zero, not infinity
+
+
+def test_ctc_warmup_steps_run_no_llm_and_teach_the_adapter(tmp_path):
+    stage, _ = tiny_align_stage(tmp_path, "--adapter.ctc_steps=2")
+    assert [stage.batch(i)["ctc_only"] for i in range(3)] == [True, True, False]
+    accum, _ = tiny_align_stage(tmp_path / "accum", "--adapter.ctc_steps=2", "--train.grad_accum=3")
+    assert [accum.batch(i)["ctc_only"] for i in range(7)] == [True] * 6 + [False]   # 2 steps of 3 batches
+    llm_forward = stage.model.llm.forward
+    stage.model.llm.forward = lambda *a, **kw: pytest.fail("a warm-up step ran the LLM")
+    optimizer = torch.optim.AdamW([p for p in stage.model.parameters() if p.requires_grad], lr=1e-2)
+    first = stage.batch(0)
+    with torch.no_grad():
+        before = stage.model(**first).item()
+    for i in range(20):
+        loss = stage.model(**stage.batch(i % 2))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = stage.model(**first).item()
+    assert after < 0.8 * before, (before, after)
+    stage.model.llm.forward = llm_forward
+    assert stage.model(**stage.batch(2)).item() > 0                           # after the warm-up: CE + KL
+    assert "ctc_wer" in stage.evaluate()
+    # spell reads CTC's greedy path: vectors equal to the embeddings of a a _ b _ a spell "a b a"
+    model, blank = stage.model, stage.model.blank_id()
+    a, b = [t for t in model.tokenizer.encode("cat") if t != blank][:2]
+    table = model.llm.embed_tokens.weight
+    model.audio_vectors = lambda codes, lengths: table[torch.tensor([[a, a, blank, b, blank, a]])]
+    assert model.spell(None, None) == [model.tokenizer.decode([a, b, a]).strip()]
 
 
 def test_transcript_metrics_by_hand():
