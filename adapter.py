@@ -20,6 +20,9 @@ Training signal (only the adapter trains; SpeechLM and LLM are frozen):
     given the transcript as TEXT; the student is the LLM given the adapter vectors. Over the answer tokens,
     KL(teacher || student) = sum_v p_teacher(v) (log p_teacher(v) - log p_student(v)) pulls the whole
     next-token distribution, not just the one right token, toward what the LLM would do had it read the text.
+  - optionally first (--adapter.ctc_steps), a warm-up with no LLM pass: CTC of the vectors against the
+    transcript's token embeddings (ctc_token_loss), so that the LLM steps start from vectors that already
+    spell the words in order.
 
 Run:
     python train.py --stage=align                       # reads the stage-1 SpeechLM from out/speechlm
@@ -115,8 +118,8 @@ def ctc_token_loss(vectors, labels, embeddings, blank_id, end_id, temperature=0.
     over `temperature`, is a distribution over the vocabulary. CTC (Graves et al. 2006) then sums over every
     way the N vectors can spell the answer in order, with `blank_id` (a plain space: the LLM reads it as
     nothing) or a repeat between tokens. So the adapter learns to lay the transcript out as N vectors near
-    the right token embeddings, in order: close to what the LLM reads when it is given the text. It costs
-    one (N x d) @ (d x vocab) product per clip, against a forward and backward pass of the whole LLM.
+    the right token embeddings, in order: close to what the LLM reads when it is given the text. No LLM
+    block runs: a step of 8 clips took 0.9 s of a 2-core CPU against 2.1 s through the LLM (README).
     vectors (B, N, d_llm); labels (B, L) as chat_example's (the answer and its end of turn, else -100)."""
     scores = F.normalize(vectors.float(), dim=-1) @ F.normalize(embeddings.float(), dim=-1).T   # (B, N, V)
     log_probs = (scores / temperature).log_softmax(-1).transpose(0, 1)                     # (N, B, V)
