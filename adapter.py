@@ -111,18 +111,22 @@ def distillation_kl(teacher_logits, student_logits):
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
+def token_scores(vectors, embeddings):
+    """Cosine of every vector (B, N, d) with every token's embedding (V, d): (B, N, V)."""
+    return F.normalize(vectors.float(), dim=-1) @ F.normalize(embeddings.float(), dim=-1).T
+
+
 def ctc_token_loss(vectors, labels, embeddings, blank_id, end_id, temperature=0.05):
     """CTC of the N adapter vectors against the answer's tokens, with no LLM pass: the cheap warm-up.
 
     Each vector is read as the LLM's embedding table would "read" it: its cosine to every token's embedding,
     over `temperature`, is a distribution over the vocabulary. CTC (Graves et al. 2006) then sums over every
-    way the N vectors can spell the answer in order, with `blank_id` (a plain space: the LLM reads it as
-    nothing) or a repeat between tokens. So the adapter learns to lay the transcript out as N vectors near
+    way the N vectors can spell the answer in order, with `blank_id` (AlignModel's: a plain space) or a
+    repeat between tokens. So the adapter learns to lay the transcript out as N vectors near
     the right token embeddings, in order: close to what the LLM reads when it is given the text. No LLM
     block runs: a step of 8 clips took 0.9 s of a 2-core CPU against 2.1 s through the LLM (README).
     vectors (B, N, d_llm); labels (B, L) as chat_example's (the answer and its end of turn, else -100)."""
-    scores = F.normalize(vectors.float(), dim=-1) @ F.normalize(embeddings.float(), dim=-1).T   # (B, N, V)
-    log_probs = (scores / temperature).log_softmax(-1).transpose(0, 1)                     # (N, B, V)
+    log_probs = (token_scores(vectors, embeddings) / temperature).log_softmax(-1).transpose(0, 1)  # (N, B, V)
     keep = (labels != -100) & (labels != end_id) & (labels != blank_id)                    # the answer's tokens
     lengths = keep.sum(1)
     N = vectors.size(1)
@@ -178,10 +182,8 @@ class AlignModel(nn.Module):
     def spell(self, codes, code_lengths):
         """What the N vectors spell by themselves, with no LLM: each one's nearest token embedding (by
         cosine), repeats merged, blanks dropped: CTC's greedy reading, the warm-up's own transcript."""
-        vectors = self.audio_vectors(codes, code_lengths)
-        nearest = (F.normalize(vectors.float(), dim=-1)
-                   @ F.normalize(self.llm.embed_tokens.weight.float(), dim=-1).T).argmax(-1).tolist()
-        blank = self.blank_id()
+        scores = token_scores(self.audio_vectors(codes, code_lengths), self.llm.embed_tokens.weight)
+        nearest, blank = scores.argmax(-1).tolist(), self.blank_id()
         return [self.tokenizer.decode([t for n, t in enumerate(row) if t != blank and (n == 0 or t != row[n - 1])])
                 .strip() for row in nearest]
 
