@@ -316,6 +316,9 @@ def transcript_metrics(said, heard):
 
 def build_align_stage(cfg, device, log=print):
     """Stage 2: SpeechLM (from stage 1) and LLM frozen; the Perceiver adapter learns to speak LLM."""
+    if not 0 <= cfg.adapter.ctc_steps <= cfg.train.max_steps:
+        raise ConfigError(f"--adapter.ctc_steps={cfg.adapter.ctc_steps}: choose 0 (no warm-up) up to "
+                          f"--train.max_steps={cfg.train.max_steps}")
     model, tokenizer, cfg = build_align_model(cfg, device, log)
     corpus = Path(cfg.data.corpus)
     train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log)

@@ -142,6 +142,10 @@ def test_ctc_warmup_loss_by_hand():
 
 
 def test_ctc_warmup_steps_run_no_llm_and_teach_the_adapter(tmp_path):
+    for bad in (-1, 10**6):                                  # one clear error, before anything loads
+        with pytest.raises(ValueError, match="--adapter.ctc_steps"):
+            adapter.build_align_stage(config.get_config("tiny", [f"--adapter.ctc_steps={bad}"]),
+                                      torch.device("cpu"), log=lambda *a: None)
     stage, _ = tiny_align_stage(tmp_path, "--adapter.ctc_steps=2")
     assert [stage.batch(i)["ctc_only"] for i in range(3)] == [True, True, False]
     accum, _ = tiny_align_stage(tmp_path / "accum", "--adapter.ctc_steps=2", "--train.grad_accum=3")
