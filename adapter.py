@@ -31,7 +31,9 @@ Run:
 Simplified on purpose: one adapter layer choice (the output of one SpeechLM block), no LoRA on the LLM in
 this stage, the teacher sees the transcript in place of the audio with the same instruction.
 """
+import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -116,7 +118,7 @@ def token_scores(vectors, embeddings):
     return F.normalize(vectors.float(), dim=-1) @ F.normalize(embeddings.float(), dim=-1).T
 
 
-def ctc_token_loss(vectors, labels, embeddings, blank_id, end_id, temperature=0.05):
+def ctc_token_loss(vectors, labels, embeddings, blank_id, end_id, temperature=0.05, vocab=None):
     """CTC of the N adapter vectors against the answer's tokens, with no LLM pass: the cheap warm-up.
 
     Each vector is read as the LLM's embedding table would "read" it: its cosine to every token's embedding,
@@ -125,12 +127,19 @@ def ctc_token_loss(vectors, labels, embeddings, blank_id, end_id, temperature=0.
     repeat between tokens. So the adapter learns to lay the transcript out as N vectors near
     the right token embeddings, in order: close to what the LLM reads when it is given the text. No LLM
     block runs: a step of 8 clips took 0.9 s of a 2-core CPU against 2.1 s through the LLM (README).
-    vectors (B, N, d_llm); labels (B, L) as chat_example's (the answer and its end of turn, else -100)."""
-    log_probs = (token_scores(vectors, embeddings) / temperature).log_softmax(-1).transpose(0, 1)  # (N, B, V)
+    vectors (B, N, d_llm); labels (B, L) as chat_example's (the answer and its end of turn, else -100).
+    vocab: sorted token ids (1-D) to spell with instead of the whole table (--adapter.ctc_vocab=train): the
+    softmax then runs over these rows only (index i of it is token vocab[i]), and must hold every answer token."""
     keep = (labels != -100) & (labels != end_id) & (labels != blank_id)                    # the answer's tokens
-    lengths = keep.sum(1)
+    targets, lengths = labels[keep], keep.sum(1)
+    if vocab is not None:                                  # token ids -> their rows in the smaller table
+        embeddings, rows = embeddings[vocab], torch.searchsorted(vocab, targets).clamp(max=len(vocab) - 1)
+        if not torch.equal(vocab[rows], targets):
+            raise ValueError("ctc_token_loss: an answer token is not in vocab")
+        targets, blank_id = rows, int(torch.searchsorted(vocab, torch.tensor(blank_id, device=vocab.device)))
+    log_probs = (token_scores(vectors, embeddings) / temperature).log_softmax(-1).transpose(0, 1)  # (N, B, V)
     N = vectors.size(1)
-    return F.ctc_loss(log_probs, labels[keep], torch.full_like(lengths, N), lengths, blank=blank_id,
+    return F.ctc_loss(log_probs, targets, torch.full_like(lengths, N), lengths, blank=blank_id,
                       zero_infinity=True)                    # an answer that N vectors cannot spell adds 0
 
 
@@ -155,11 +164,14 @@ class AlignModel(nn.Module):
         self.speechlm_layer, self.distill_weight, self.prompt = speechlm_layer, distill_weight, prompt
         self.speechlm.requires_grad_(False).eval()
         self.llm.requires_grad_(False).eval()
+        self.register_buffer("ctc_vocab", None, persistent=False)   # the warm-up's token ids; None: all
 
-    def audio_vectors(self, codes, code_lengths):
-        """codes (B, K, T) -> adapter vectors (B, N, d_llm), in the adapter's dtype (fp32)."""
-        states, lengths = self.speechlm.audio_states(codes, code_lengths, self.speechlm_layer)
-        return self.adapter(states.to(self.adapter.latents.dtype), lengths)       # frozen bf16 -> fp32
+    def audio_vectors(self, codes, code_lengths, states=None, state_lengths=None):
+        """codes (B, K, T) -> adapter vectors (B, N, d_llm), in the adapter's dtype (fp32). Or, when given,
+        the SpeechLM's states of those codes (B, T + K, C), computed earlier (cache_audio_states)."""
+        if states is None:
+            states, state_lengths = self.speechlm.audio_states(codes, code_lengths, self.speechlm_layer)
+        return self.adapter(states.to(self.adapter.latents.dtype), state_lengths)   # frozen bf16 -> fp32
 
     def answer_logits(self, input_ids, labels, audio_mask=None, vectors=None):
         """The LLM's logits at the positions that predict the labelled tokens: (n_labelled, vocab)."""
@@ -176,20 +188,22 @@ class AlignModel(nn.Module):
     def ctc_loss(self, vectors, labels):
         """ctc_token_loss against this LLM's embedding table."""
         return ctc_token_loss(vectors, labels, self.llm.embed_tokens.weight, self.blank_id(),
-                              self.tokenizer.end_of_turn_id)
+                              self.tokenizer.end_of_turn_id, vocab=self.ctc_vocab)
 
     @torch.no_grad()
     def spell(self, codes, code_lengths):
         """What the N vectors spell by themselves, with no LLM: each one's nearest token embedding (by
-        cosine), repeats merged, blanks dropped: CTC's greedy reading, the warm-up's own transcript."""
-        scores = token_scores(self.audio_vectors(codes, code_lengths), self.llm.embed_tokens.weight)
-        nearest, blank = scores.argmax(-1).tolist(), self.blank_id()
+        cosine) among the warm-up's tokens, repeats merged, blanks dropped: CTC's greedy reading."""
+        table, vocab = self.llm.embed_tokens.weight, self.ctc_vocab
+        scores = token_scores(self.audio_vectors(codes, code_lengths), table if vocab is None else table[vocab])
+        nearest, blank = scores.argmax(-1), self.blank_id()
+        nearest = (nearest if vocab is None else vocab[nearest]).tolist()
         return [self.tokenizer.decode([t for n, t in enumerate(row) if t != blank and (n == 0 or t != row[n - 1])])
                 .strip() for row in nearest]
 
     def forward(self, codes, code_lengths, input_ids, audio_mask, labels, teacher_ids, teacher_labels,
-                ctc_only=False):
-        vectors = self.audio_vectors(codes, code_lengths)
+                ctc_only=False, states=None, state_lengths=None):
+        vectors = self.audio_vectors(codes, code_lengths, states, state_lengths)
         if ctc_only:                                           # the warm-up steps: no LLM pass at all
             return self.ctc_loss(vectors, labels)
         student = self.answer_logits(input_ids, labels, audio_mask, vectors)
@@ -230,17 +244,37 @@ class AlignModel(nn.Module):
 # 3. Stage 2 for train.py: the batches, the held-out metrics, and the stage itself
 
 def align_batch(examples, tokenizer, n_latents, prompt):
-    """Examples (speechlm.load_examples) -> AlignModel.forward's keyword arguments."""
+    """Examples (speechlm.load_examples) -> AlignModel.forward's keyword arguments; with their SpeechLM
+    states when every example has them (cache_audio_states)."""
     codes, code_lengths = pad_stack([e["codes"] for e in examples])
     student = [chat_example(tokenizer, f"{AUDIO_MARKER}\n{prompt}", n_latents, e["text"]) for e in examples]
     teacher = [chat_example(tokenizer, f"{e['text']}\n\n{prompt}", 0, e["text"]) for e in examples]
     pad = tokenizer.pad_id
-    return dict(codes=codes, code_lengths=code_lengths,
+    cached = {}
+    if all("states" in e for e in examples):
+        states, state_lengths = pad_stack([e["states"] for e in examples])           # (B, C, T + K)
+        cached = dict(states=states.transpose(1, 2), state_lengths=state_lengths)
+    return dict(codes=codes, code_lengths=code_lengths, **cached,
                 input_ids=pad_stack([s[0] for s in student], pad)[0],
                 audio_mask=pad_stack([s[1] for s in student], False)[0],
                 labels=pad_stack([s[2] for s in student], -100)[0],
                 teacher_ids=pad_stack([t[0] for t in teacher], pad)[0],
                 teacher_labels=pad_stack([t[2] for t in teacher], -100)[0])
+
+
+@torch.no_grad()
+def cache_audio_states(align_model, examples, batch_size, device):
+    """Run the frozen SpeechLM over every clip once and keep its states in the example, as fp16 (C, T + K) on
+    the CPU (256 KB for a 2.5-s clip at C = 512), so that no training step pays for them again: they were
+    0.24 s of a warm-up step of 8 clips on a 2-core CPU. Clips are batched by length, to pad little."""
+    order = sorted(range(len(examples)), key=lambda j: examples[j]["codes"].size(1))
+    for s in tqdm(range(0, len(order), batch_size), desc="SpeechLM states", unit="batch", leave=False):
+        chosen = [examples[j] for j in order[s: s + batch_size]]
+        codes, lengths = pad_stack([e["codes"] for e in chosen])
+        states, state_lengths = align_model.speechlm.audio_states(codes.to(device), lengths.to(device),
+                                                                  align_model.speechlm_layer)
+        for e, row, n in zip(chosen, states.half().cpu(), state_lengths.tolist()):
+            e["states"] = row[:n].T.clone()                                  # (C, T + K): pad_stack pads T
 
 
 def judge_generated(align_model, examples, cfg):
@@ -319,11 +353,21 @@ def build_align_stage(cfg, device, log=print):
     if not 0 <= cfg.adapter.ctc_steps <= cfg.train.max_steps:
         raise ConfigError(f"--adapter.ctc_steps={cfg.adapter.ctc_steps}: choose 0 (no warm-up) up to "
                           f"--train.max_steps={cfg.train.max_steps}")
+    if cfg.adapter.ctc_vocab not in ("all", "train"):
+        raise ConfigError(f"--adapter.ctc_vocab={cfg.adapter.ctc_vocab}: choose all or train")
     model, tokenizer, cfg = build_align_model(cfg, device, log)
     corpus = Path(cfg.data.corpus)
     train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log)
     test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log)
     B, N, seed = cfg.train.batch_size, cfg.adapter.n_latents, cfg.system.seed
+    if cfg.adapter.cache_states:
+        t0 = time.time()
+        cache_audio_states(model, train_examples, max(B, 32), device)
+        log(f"SpeechLM states of {len(train_examples)} training clips computed once ({time.time() - t0:.0f} s)")
+    if cfg.adapter.ctc_steps and cfg.adapter.ctc_vocab == "train":        # spell with the corpus's tokens only
+        ids = {t for e in train_examples for t in tokenizer.encode(e["text"])} | {model.blank_id()}
+        model.ctc_vocab = torch.tensor(sorted(ids), device=device)
+        log(f"warm-up: CTC over the {len(ids)} tokens of the training transcripts (and the blank)")
     # train.py numbers micro-batch i of step s (s * grad_accum + micro) * world + rank: the warm-up's steps
     # are the first ctc_steps * per_step batches, however many GPUs and micro-batches a step has
     per_step = cfg.train.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
@@ -348,6 +392,12 @@ def build_align_stage(cfg, device, log=print):
                 heard += net.transcribe_many([e["codes"] for e in held_out[s: s + B]])
             said = [e["text"] for e in held_out]
             metrics = {"test_loss": sum(losses) / len(losses), **transcript_metrics(said, heard)}
+            out = Path(cfg.train.out_dir)                         # every answer of the last evaluation
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "answers.jsonl").write_text("".join(json.dumps({"said": r, "heard": h}) + "\n"
+                                                       for r, h in zip(said, heard)))
+            for r, h in list(zip(said, heard))[:2]:
+                log(f"  {r!r} -> {h!r}")
             if cfg.adapter.ctc_steps:                  # what the vectors spell alone (CTC's greedy reading)
                 for p in parts:
                     spelled += net.spell(p["codes"].to(device), p["code_lengths"].to(device))

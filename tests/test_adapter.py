@@ -25,6 +25,7 @@ import adapter
 import config
 import speechlm
 from adapter import PerceiverAdapter, distillation_kl
+from data import word_error_rate
 from test_speechlm import make_coded_corpus, tiny_speechlm
 
 
@@ -76,7 +77,7 @@ def tiny_align_stage(tmp_path, *overrides):
     corpus = make_coded_corpus(tmp_path / "corpus")
     cfg = config.get_config("tiny", [f"--data.corpus={corpus}", "--train.eval_samples=2",
                                      "--speechlm.max_seconds=0.5", f"--adapter.speechlm_checkpoint={tmp_path}/s1",
-                                     *overrides])
+                                     f"--train.out_dir={tmp_path}/out", *overrides])
     lm, _ = speechlm.build_speechlm(cfg, log=lambda *a: None)                 # stand-in for a stage-1 run
     (tmp_path / "s1" / "ckpt").mkdir(parents=True)
     state = speechlm.SpeechLMTraining(lm, 1.0).state_dict()
@@ -139,6 +140,16 @@ def test_ctc_warmup_loss_by_hand():
     # divides by the answer's length
     assert loss([3, 3]) == pytest.approx(-(p[0, 3] * p[1, blank] * p[2, 3]).log().item() / 2, rel=1e-5)
     assert loss([1, 2, 3, 1]) == 0.0          # 4 tokens cannot be spelled by 3 vectors: zero, not infinity
+    # with a smaller vocabulary (blank, 1 and 3 only) the softmax runs over those three rows alone
+    vocab = torch.tensor([blank, 1, 3])
+    q = (F.normalize(vectors[0], dim=-1) @ F.normalize(embeddings[vocab], dim=-1).T / temperature).softmax(-1)
+    small = sum(torch.prod(torch.stack([q[n, 0 if c == "b" else 2] for n, c in enumerate(path)])) for path in paths)
+    labels = torch.tensor([[-100, 3, end]])
+    assert adapter.ctc_token_loss(vectors, labels, embeddings, blank, end, temperature, vocab).item() == \
+        pytest.approx(-small.log().item(), rel=1e-5)
+    assert -small.log().item() < loss([3])                 # fewer rivals: the same vectors score better
+    with pytest.raises(ValueError, match="not in vocab"):
+        adapter.ctc_token_loss(vectors, torch.tensor([[2, end]]), embeddings, blank, end, temperature, vocab)
 
 
 def test_ctc_warmup_steps_run_no_llm_and_teach_the_adapter(tmp_path):
@@ -235,3 +246,60 @@ def test_stage1_checkpoints_with_and_from_before_the_hearing_loss_load(tmp_path)
         assert (loaded.whisper_head is not None) == with_head
         assert torch.equal(loaded.heads[0].weight, lm.heads[0].weight)
         assert loaded_cfg.speechlm.whisper_weight == (2.0 if with_head else 0.0)
+
+
+def test_cached_states_are_the_speechlm_states_and_train_alike(tmp_path):
+    """--adapter.cache_states runs the frozen SpeechLM over every training clip once: each example then holds
+    its own states (what audio_states gives for that clip alone, kept in fp16), a batch carries them, and a
+    step reads them instead of running the SpeechLM; the loss matches a batch without them."""
+    cached, lm = tiny_align_stage(tmp_path / "on", "--adapter.cache_states=True")
+    torch.manual_seed(0)
+    plain, _ = tiny_align_stage(tmp_path / "off", "--adapter.cache_states=False")
+    batch, batch_plain = cached.batch(3), plain.batch(3)
+    assert "states" in batch and "states" not in batch_plain
+    assert torch.equal(batch["codes"], batch_plain["codes"])                    # the same clips
+    model = cached.model
+    codes, lengths = batch["codes"], batch["code_lengths"]
+    for row in range(codes.size(0)):                                            # clip by clip, unpadded
+        n = int(lengths[row])
+        alone, alone_len = model.speechlm.audio_states(codes[row: row + 1, :, :n], lengths[row: row + 1],
+                                                         model.speechlm_layer)
+        assert int(batch["state_lengths"][row]) == int(alone_len[0])
+        assert torch.allclose(batch["states"][row, : int(alone_len[0])].float(), alone[0], atol=1e-3, rtol=1e-3)
+    plain.model.adapter.load_state_dict(model.adapter.state_dict())
+    with torch.no_grad():
+        expected = plain.model(**batch_plain).item()
+        audio_states = model.speechlm.audio_states
+        model.speechlm.audio_states = lambda *a: pytest.fail("a step with cached states ran the SpeechLM")
+        got = model(**batch).item()
+        model.speechlm.audio_states = audio_states
+    assert got == pytest.approx(expected, rel=1e-2)
+
+
+def test_ctc_vocab_train_spells_with_the_corpus_tokens_and_answers_are_saved(tmp_path):
+    stage, _ = tiny_align_stage(tmp_path, "--adapter.ctc_steps=2", "--adapter.ctc_vocab=train")
+    model = stage.model
+    texts = {e["text"] for e in adapter.load_examples(tmp_path / "corpus" / "train.jsonl",
+                                                      config.get_config("tiny"), model.tokenizer,
+                                                      log=lambda *a: None)[0]}
+    expected = sorted({t for text in texts for t in model.tokenizer.encode(text)} | {model.blank_id()})
+    assert model.ctc_vocab.tolist() == expected
+    loss = model(**stage.batch(0))                                           # a warm-up step over them
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    metrics = stage.evaluate()
+    answers = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 2 and {"said", "heard"} <= set(answers[0])       # --train.eval_samples=2
+    assert metrics["wer"] == pytest.approx(word_error_rate([a["said"] for a in answers],
+                                                           [a["heard"] for a in answers]))
+    # spell reads with the same tokens: a vector equal to a token's embedding outside them spells the
+    # nearest token inside them (by cosine), never itself
+    table, vocab = model.llm.embed_tokens.weight, model.ctc_vocab
+    outside = next(t for t in range(table.size(0)) if t not in expected)
+    nearest = int(vocab[adapter.token_scores(table[None, [outside]], table[vocab])[0, 0].argmax()])
+    model.audio_vectors = lambda codes, lengths: table[torch.tensor([[outside, outside]])]
+    assert nearest != outside
+    assert model.spell(None, None) == [model.tokenizer.decode([nearest] if nearest != model.blank_id() else []).strip()]
+    with pytest.raises(ValueError, match="--adapter.ctc_vocab"):
+        adapter.build_align_stage(config.get_config("tiny", ["--adapter.ctc_vocab=some"]),
+                                  torch.device("cpu"), log=lambda *a: None)
