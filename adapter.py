@@ -357,8 +357,8 @@ def build_align_stage(cfg, device, log=print):
         raise ConfigError(f"--adapter.ctc_vocab={cfg.adapter.ctc_vocab}: choose all or train")
     model, tokenizer, cfg = build_align_model(cfg, device, log)
     corpus = Path(cfg.data.corpus)
-    train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log)
-    test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log)
+    train_examples, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log, mel=False)
+    test_examples, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log, mel=False)
     B, N, seed = cfg.train.batch_size, cfg.adapter.n_latents, cfg.system.seed
     if cfg.adapter.cache_states:
         t0 = time.time()

@@ -548,8 +548,8 @@ def build_rl(cfg, device, log=print):
         for name, p in policy.named_parameters():
             p.requires_grad_("lora_" in name or name.startswith("value_head."))
     corpus = Path(cfg.data.corpus)
-    train_prompts, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log)
-    eval_prompts, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log)
+    train_prompts, _ = load_examples(corpus / "train.jsonl", cfg, tokenizer, log, mel=False)
+    eval_prompts, _ = load_examples(corpus / "test.jsonl", cfg, tokenizer, log, mel=False)
     n = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     log(f"policy: stage-1 SpeechLM{f' + LoRA r={cfg.rl.lora_r}' if cfg.rl.lora_r else ''} + value head, "
         f"{n / 1e6:.1f}M trainable parameters; judge: adapter "

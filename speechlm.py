@@ -348,17 +348,17 @@ def describe(row):
     return describe_voice(row["voice"])
 
 
-def load_examples(manifest_path, cfg, tokenizer, log=print, whisper=None):
+def load_examples(manifest_path, cfg, tokenizer, log=print, whisper=None, mel=None):
     """The transcribe rows of a manifest with their codes (encoded now if not yet on disk) and token ids,
-    with --speechlm.voice_audio=mel their log-mel (also made once), and with `whisper` ({audio path: Whisper
-    encoder frames}, whisper_features: the hearing loss's targets) their frames. Clips longer than
-    speechlm.max_seconds are left out."""
+    with `mel` their log-mel (also made once; by default when --speechlm.voice_audio=mel, which only stage 1's
+    VoiceEncoder hears), and with `whisper` ({audio path: Whisper encoder frames}, whisper_features: the
+    hearing loss's targets) their frames. Clips longer than speechlm.max_seconds are left out."""
     rows = [r for r in read_manifest(manifest_path) if r["task"] == "transcribe"]
     device = "cuda" if choose_device(cfg.system.device, log=lambda *a: None).type == "cuda" else "cpu"
     encode_manifest_codes(manifest_path, cfg.speechlm.bandwidth, cfg.speechlm.codec, log, device=device)
     codes, info = read_codes(manifest_path, [r["audio"] for r in rows], cfg.speechlm.bandwidth)
     mels = [None] * len(rows)
-    if cfg.speechlm.voice_audio == "mel":                         # what the VoiceEncoder's audio tower hears
+    if cfg.speechlm.voice_audio == "mel" if mel is None else mel:   # what the VoiceEncoder's audio tower hears
         encode_manifest_mels(manifest_path, log)
         mels = read_mels(manifest_path, [r["audio"] for r in rows])                  # each (80, frames)
     frames = [whisper[r["audio"]] if whisper else None for r in rows]                # each (frames, D)
