@@ -346,13 +346,18 @@ def pipeline(align_model, codec, text, description=None, prompt=None, max_second
 
 
 def transcript_metrics(said, heard):
-    """The WER over a set of clips, with two companions that say what carries it: the WER of the middle
-    clip, and the share of answers more than twice as long as their transcript (an answer that runs on
-    adds up to 48 insertions, so a few of them can outweigh many good answers)."""
+    """The WER over a set of clips, with companions that say what carries it: the WER of the middle clip,
+    the share of answers more than twice as long as their transcript (an answer that runs on adds up to 48
+    insertions, so a few of them can outweigh many good answers), and the WER of each answer's first line.
+    A run-on answer is mostly the transcript, a line break, and the transcript again and again (README);
+    the first line is what a reader who wants the one-line transcript would take. `wer` stays the whole
+    answer's."""
     per_clip = sorted(word_error_rate([r], [h]) for r, h in zip(said, heard))
     n_words = lambda text: len(normalize_text(text).split())
+    first_lines = [h.strip().split("\n")[0] for h in heard]
     return {"wer": word_error_rate(said, heard), "wer_median": per_clip[len(per_clip) // 2],
-            "long_answers": sum(n_words(h) > 2 * n_words(r) for r, h in zip(said, heard)) / len(said)}
+            "long_answers": sum(n_words(h) > 2 * n_words(r) for r, h in zip(said, heard)) / len(said),
+            "wer_first_line": word_error_rate(said, first_lines)}
 
 
 def build_align_stage(cfg, device, log=print):

@@ -194,6 +194,11 @@ def test_transcript_metrics_by_hand():
     assert metrics["wer"] == pytest.approx((0 + 1 + 2 + 1) / 13)
     assert metrics["wer_median"] == pytest.approx(0.25)
     assert metrics["long_answers"] == pytest.approx(1 / 4)             # "seven seven seven": 3 > 2 x 1 words
+    # the first line only: a run-on answer that repeats after a line break, and one that breaks early
+    heard = ["turn on the lights\n\nturn on the lights\nturn on", "what time\nis it", "\nseven", "play"]
+    metrics = adapter.transcript_metrics(said, heard)
+    assert metrics["wer_first_line"] == pytest.approx((0 + 2 + 0 + 3) / 13)   # 2 and 3 deletions
+    assert metrics["wer"] == pytest.approx((6 + 0 + 0 + 3) / 13)               # 6 insertions, 3 deletions
 
 
 def test_stage2_precision_applies_to_the_frozen_parts(tmp_path):
