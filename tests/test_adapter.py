@@ -308,3 +308,31 @@ def test_ctc_vocab_train_spells_with_the_corpus_tokens_and_answers_are_saved(tmp
     with pytest.raises(ValueError, match="--adapter.ctc_vocab"):
         adapter.build_align_stage(config.get_config("tiny", ["--adapter.ctc_vocab=some"]),
                                   torch.device("cpu"), log=lambda *a: None)
+
+
+def test_stage2_loss_is_ce_plus_kl_over_the_answer_words_not_the_end_of_turn(tmp_path):
+    """forward = cross-entropy over the answer and its end of turn + distill_weight x KL(teacher || student)
+    over the answer's own tokens: the teacher's reading of where a repeated text ends is not distilled."""
+    stage, _ = tiny_align_stage(tmp_path, "--adapter.distill_weight=0.5")
+    model, batch = stage.model, stage.batch(0)
+    with torch.no_grad():
+        vectors = model.audio_vectors(batch["codes"], batch["code_lengths"])
+        student = model.answer_logits(batch["input_ids"], batch["labels"], batch["audio_mask"], vectors)
+        teacher = model.answer_logits(batch["teacher_ids"], batch["teacher_labels"])
+        targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+        ends = targets == model.tokenizer.end_of_turn_id
+        assert ends.sum() == batch["labels"].size(0)                      # one end of turn per answer
+        ce = F.cross_entropy(student, targets)
+        expected = ce + 0.5 * distillation_kl(teacher[~ends], student[~ends])
+        assert model(**batch).item() == pytest.approx(expected.item(), rel=1e-5)
+        # a teacher that changes its mind where the turn ends changes nothing; on a word row, it does
+        answer_logits = model.answer_logits
+        for rows, changes in ((ends, False), (~ends, True)):
+            def teacher_changed(ids, labels, audio_mask=None, vectors=None, rows=rows):
+                logits = answer_logits(ids, labels, audio_mask, vectors)
+                bump = torch.zeros_like(logits)
+                bump[rows, 7] = 5.0                                      # token 7 much likelier, these rows only
+                return logits if vectors is not None else logits + bump
+            model.answer_logits = teacher_changed
+            assert (abs(model(**batch).item() - expected.item()) > 1e-3) == changes
+        model.answer_logits = answer_logits
