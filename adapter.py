@@ -127,7 +127,7 @@ def ctc_token_loss(vectors, labels, embeddings, blank_id, end_id, temperature=0.
     way the N vectors can spell the answer in order, with `blank_id` (AlignModel's: a plain space) or a
     repeat between tokens. So the adapter learns to lay the transcript out as N vectors near
     the right token embeddings, in order: close to what the LLM reads when it is given the text. No LLM
-    block runs: in a 2-core CPU's stage 2 (README) a step of 32 clips took 0.92 s, one through the LLM 4.9 s.
+    block runs: in a 2-core CPU's stage 2 (README) a step of 32 clips took 0.92 s, one through the LLM 5.0 s.
     vectors (B, N, d_llm); labels (B, L) as chat_example's (the answer and its end of turn, else -100).
     vocab: sorted token ids (1-D) to spell with instead of the whole table (--adapter.ctc_vocab=train): the
     softmax then runs over these rows only (index i of it is token vocab[i]), and must hold every answer token."""
