@@ -134,10 +134,11 @@ def ctc_token_loss(vectors, labels, embeddings, blank_id, end_id, temperature=0.
     keep = (labels != -100) & (labels != end_id) & (labels != blank_id)                    # the answer's tokens
     targets, lengths = labels[keep], keep.sum(1)
     if vocab is not None:                                  # token ids -> their rows in the smaller table
-        embeddings, rows = embeddings[vocab], torch.searchsorted(vocab, targets).clamp(max=len(vocab) - 1)
-        if not torch.equal(vocab[rows], targets):
-            raise ValueError("ctc_token_loss: an answer token is not in vocab")
-        targets, blank_id = rows, int(torch.searchsorted(vocab, torch.tensor(blank_id, device=vocab.device)))
+        wanted = torch.cat([targets, targets.new_tensor([blank_id])])
+        rows = torch.searchsorted(vocab, wanted).clamp(max=len(vocab) - 1)
+        if not torch.equal(vocab[rows], wanted):
+            raise ValueError("ctc_token_loss: an answer token or the blank is not in vocab")
+        embeddings, targets, blank_id = embeddings[vocab], rows[:-1], int(rows[-1])
     log_probs = (token_scores(vectors, embeddings) / temperature).log_softmax(-1).transpose(0, 1)  # (N, B, V)
     N = vectors.size(1)
     return F.ctc_loss(log_probs, targets, torch.full_like(lengths, N), lengths, blank=blank_id,

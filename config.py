@@ -138,7 +138,7 @@ class AdapterConfig:
     n_latents: int = 32          # N: how many LLM embeddings any audio becomes
     n_layers: int = 2            # blocks after the first cross-attention: latents attend to [audio ; latents]
     distill_weight: float = 0.2  # weight of the KL(teacher-with-transcript || student-with-adapter) term;
-                                 # on one H100, 0.2 beat 1.0 at every budget tried, and 0 (README)
+                                 # on one H100, 0.2 beat 1.0 at each of three budgets, and 0 at one (README)
     ctc_steps: int = 0           # first steps train on CTC of the vectors against the transcript's token
                                  # embeddings alone, with no LLM pass (adapter.ctc_token_loss)
     ctc_vocab: str = "all"       # the tokens the warm-up spells with: "all" (the LLM's 49,152) | "train" (those
