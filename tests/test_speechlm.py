@@ -16,6 +16,7 @@ Run:  python -m pytest tests/test_speechlm.py
 """
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -300,3 +301,29 @@ def test_stage1_hearing_loss_reads_the_encoder_cache_and_learns(tmp_path):
         optimizer.step()
     after = stage.evaluate()["whisper_loss"]
     assert before == pytest.approx(1.0, abs=0.05) and after < 0.8 * before, (before, after)
+
+
+def test_whisper_features_in_bf16_are_fp32_to_within_rounding(tmp_path, monkeypatch):
+    """--system.precision=bf16 computes the hearing loss's targets under bf16 autocast (several times faster
+    on a CPU with AMX): the same clips and frame counts as fp32, values within bf16 rounding of fp32's."""
+    monkeypatch.chdir(tmp_path)                                     # tiny:whisper is written to ./checkpoints
+    corpus = tmp_path / "corpus"
+    for split in ("train", "test"):
+        rows = []
+        for i in range(3):
+            t = torch.arange(int(16000 * (0.4 + 0.2 * i))) / 16000
+            path = corpus / split / f"{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data.save_wav(path, 0.3 * torch.sin(2 * torch.pi * (150 + 90 * i) * t) + 0.01 * torch.randn(t.numel()))
+            rows.append({"audio": f"{split}/{i}.wav", "text": "red cat", "task": "transcribe", "seconds": 0.4 + 0.2 * i})
+        data.write_manifest(corpus / f"{split}.jsonl", rows)
+    frames = {}
+    for precision in ("fp32", "bf16"):
+        cfg = config.get_config("tiny", [f"--data.corpus={corpus}", f"--system.precision={precision}"])
+        frames[precision] = speechlm.whisper_features(cfg, log=lambda *a: None)
+        shutil.rmtree(corpus / "cache")                             # the second precision computes afresh
+    assert sorted(frames["bf16"]) == sorted(frames["fp32"]) and len(frames["fp32"]) == 6
+    for path, reference in frames["fp32"].items():
+        got, reference = frames["bf16"][path].float(), reference.float()
+        assert got.shape == reference.shape
+        assert 0 < ((got - reference).norm() / reference.norm()).item() < 0.03   # autocast on, and close
