@@ -298,8 +298,9 @@ def train(cfg, resume=False, log=print):
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr,
-                                  betas=(0.9, 0.99), fused=device.type in ("cuda", "cpu"))   # one kernel:
-    # on a 2-core CPU the plain loop over 65M weights of stage 1's shapes took 0.66 s a step, the fused one 0.04 s
+                                  betas=(0.9, 0.99), fused=device.type in ("cuda", "cpu"))
+    # fused = one kernel for all tensors: on a 2-core CPU, 0.04 s a step for 65M weights of stage 1's shapes,
+    # where the plain loop over them took 0.66 s
     trainable_names = {n for n, p in net.named_parameters() if p.requires_grad}
 
     # 3c. where to start: a stage-1 checkpoint (init_from), our own checkpoint (resume), or fresh

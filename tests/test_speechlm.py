@@ -311,11 +311,14 @@ def test_whisper_features_in_bf16_are_fp32_to_within_rounding(tmp_path, monkeypa
     for split in ("train", "test"):
         rows = []
         for i in range(3):
-            t = torch.arange(int(16000 * (0.4 + 0.2 * i))) / 16000
+            seconds = 0.4 + 0.2 * i
+            t = torch.arange(int(16000 * seconds)) / 16000
             path = corpus / split / f"{i}.wav"
             path.parent.mkdir(parents=True, exist_ok=True)
-            data.save_wav(path, 0.3 * torch.sin(2 * torch.pi * (150 + 90 * i) * t) + 0.01 * torch.randn(t.numel()))
-            rows.append({"audio": f"{split}/{i}.wav", "text": "red cat", "task": "transcribe", "seconds": 0.4 + 0.2 * i})
+            tone = 0.3 * torch.sin(2 * torch.pi * (150 + 90 * i) * t)
+            data.save_wav(path, tone + 0.01 * torch.randn(t.numel()))
+            rows.append({"audio": f"{split}/{i}.wav", "text": "red cat", "task": "transcribe",
+                         "seconds": seconds})
         data.write_manifest(corpus / f"{split}.jsonl", rows)
     frames = {}
     for precision in ("fp32", "bf16"):
