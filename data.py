@@ -749,9 +749,9 @@ def encode_manifest_codes(manifest_path, bandwidth=1.5, codec_dir="", log=print,
     beside it, with `codec.json` saying which codec weights made them. Clips already encoded are skipped.
     An untrained codec fits its codebooks on this manifest's first clips and saves them there (so the next
     manifest of the corpus reuses them). Refuses to add codes from other weights to a folder.
-    device: where the codec runs (a GPU, where there is one: 2 CPU cores take ~0.5 s a clip, an hour for
-    10,000); a near-tie between two code vectors may round differently there, so a GPU's codes need not
-    match a CPU's bit for bit."""
+    device: where the codec runs (a GPU, where there is one: 2 quiet CPU cores take ~0.16 s a clip, ~27 min
+    for 10,000, and ~0.5 s with the cores shared); a near-tie between two code vectors may round
+    differently there, so a GPU's codes need not match a CPU's bit for bit."""
     manifest_path = Path(manifest_path)
     root, codes_dir = manifest_path.parent.resolve(), codes_dir_for(manifest_path, bandwidth)
     audio_paths = list(dict.fromkeys(row["audio"] for row in read_manifest(manifest_path)))   # unique
