@@ -37,9 +37,11 @@ with --rl.lora_r, only LoRA updates of its projections), its text embeddings and
 judge is a fixed frozen model, not a learned reward model; scores are normalised per batch, not by statistics
 kept across iterations.
 """
+import copy
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -51,7 +53,7 @@ import config
 from adapter import align_batch, load_align_model
 from checkpoint import CheckpointCorrupt, load_checkpoint, optimizer_from_tensors, save_checkpoint
 from data import CODEBOOK_SIZE, CODEC_FRAME_RATE
-from lora import apply_lora
+from lora import LoRALinear, apply_lora
 from model import KVCache
 from speechlm import BOS, CODE_VOCAB, END, PAD, load_examples, load_speechlm_checkpoint, pad_stack, undo_delay
 from weights import CheckpointError
@@ -71,6 +73,31 @@ class Policy(nn.Module):
         self.speechlm = speechlm
         self.value_head = nn.Linear(speechlm.lcfg.d_model, 1)
         nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)   # V = 0 = mean score
+
+
+def mixed_precision(cfg, device):
+    """--system.precision for the policy -> (autocast, sampler dtype). bf16 / fp16: the policy's passes run
+    under autocast (fp32 master weights and Adam, as stage 1), and rollouts sample from a 16-bit copy of it
+    (`sampler`): in a rollout every step reads all the weights for one column, and casting them anew each
+    step made bf16 sampling twice as slow as fp32 on a CPU. The copy's distribution differs from the
+    autocast pass's by rounding only; PPO's old log-probs come from that pass, so the first ratio stays 1.
+    fp32 and int8 (whose int8 is the frozen reference's): no autocast, rollouts from the policy itself."""
+    dtype, _ = config.choose_precision(cfg.system.precision, device, log=lambda *a: None)
+    if dtype == torch.float32:
+        return nullcontext, dtype
+    return (lambda: torch.autocast(device.type, dtype)), dtype
+
+
+def sampler(speechlm, dtype):
+    """The policy's SpeechLM as rollouts read it: itself in fp32; otherwise a frozen copy in `dtype` with the
+    LoRA updates folded into the weights (LoRALinear.merge), made afresh after each update."""
+    if dtype == torch.float32:
+        return speechlm
+    snapshot = copy.deepcopy(speechlm)
+    for module in snapshot.modules():
+        if isinstance(module, LoRALinear):
+            module.merge()
+    return snapshot.to(dtype).requires_grad_(False).eval()
 
 
 def code_log_probs(logits, k, temperature):
@@ -125,7 +152,7 @@ def policy_outputs(speechlm, batch, temperature, value_head=None):
         log_prob = log_prob + torch.where(free, taken, 0.0)                          # log p(column) = sum_k
         entropy = entropy - torch.where(free, (lp.exp() * lp).sum(-1), 0.0)
         full.append(lp)
-    values = value_head(hidden)[..., 0] if value_head is not None else None
+    values = value_head(hidden)[..., 0].float() if value_head is not None else None     # fp32 if autocast
     return log_prob, entropy, values, full
 
 
@@ -316,17 +343,18 @@ def evaluate(policy, reference, prompts, score, cfg, seed, reference_temperature
     and the length of the speech. The policy samples at rl.temperature, and the reference is read at it too
     unless reference_temperature says otherwise (scripts/rl_temperature.py)."""
     device, max_frames = policy.value_head.weight.device, int(cfg.rl.max_seconds * CODEC_FRAME_RATE)
-    n = cfg.rl.eval_samples
+    n, (mixed, dtype) = cfg.rl.eval_samples, mixed_precision(cfg, device)
+    speaker = sampler(policy.speechlm, dtype)
     generator, by_length = torch.Generator(device).manual_seed(seed), {}
     for i, p in enumerate(prompts):                                                 # equal text length batches
         by_length.setdefault(len(p["text_ids"]), []).extend([(i, p)] * n)
     codes, ordered, kl, steps = [], [], 0.0, 0.0
     for group in [g[i: i + 16] for g in by_length.values() for i in range(0, len(g), 16)]:
         group_prompts = [p for _, p in group]
-        columns, ended, _ = sample_rollouts(policy.speechlm, group_prompts, max_frames, cfg.rl.temperature,
-                                            generator)
+        columns, ended, _ = sample_rollouts(speaker, group_prompts, max_frames, cfg.rl.temperature, generator)
         batch = rollout_batch(group_prompts, columns, ended, max_frames)
-        full = policy_outputs(policy.speechlm, batch, cfg.rl.temperature)[3]
+        with mixed():
+            full = policy_outputs(policy.speechlm, batch, cfg.rl.temperature)[3]
         full_ref = policy_outputs(reference, batch, reference_temperature or cfg.rl.temperature)[3]
         kl += float((exact_kl(full, full_ref, batch["free"]) * batch["mask"]).sum())
         steps += float(batch["mask"].sum())
@@ -377,7 +405,9 @@ def train_rl(cfg, policy, reference, train_prompts, score, out_dir, eval_prompts
     device, max_frames = policy.value_head.weight.device, int(r.max_seconds * CODEC_FRAME_RATE)
     B = r.prompts_per_iteration * r.samples_per_prompt                               # rollouts per iteration
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=r.lr, eps=1e-5)                          # cleanrl's eps
+    optimizer = torch.optim.Adam(params, lr=r.lr, eps=1e-5,                           # cleanrl's eps
+                                 fused=device.type in ("cuda", "cpu"))              # one kernel, as train.py
+    mixed, dtype = mixed_precision(cfg, device)                     # autocast, and the rollouts' weights' dtype
     generator = torch.Generator(device).manual_seed(cfg.system.seed)              # prompts, samples, shuffles
     start, kl_coef, rows = 0, r.kl_coef, []
     if resume:   # policy, optimizer, iteration, beta and the sampler's RNG: an exact continuation
@@ -424,7 +454,8 @@ def train_rl(cfg, policy, reference, train_prompts, score, out_dir, eval_prompts
         # 1. rollout. The old and reference log-probs and the values come from the same teacher-forced pass
         # PPO trains with, run on the first epoch's minibatches: its first minibatch has a ratio of exactly 1
         prompts = choose_prompts(train_prompts, r.prompts_per_iteration, r.samples_per_prompt, generator)
-        columns, ended, _ = sample_rollouts(policy.speechlm, prompts, max_frames, r.temperature, generator)
+        columns, ended, _ = sample_rollouts(sampler(policy.speechlm, dtype), prompts, max_frames, r.temperature,
+                                            generator)
         batch = rollout_batch(prompts, columns, ended, max_frames)
         mask, S = batch["mask"], columns.size(-1)
         orders = [torch.randperm(B, generator=generator, device=device) for _ in range(r.epochs)]
@@ -433,8 +464,9 @@ def train_rl(cfg, policy, reference, train_prompts, score, out_dir, eval_prompts
         with torch.no_grad():
             for idx in split(orders[0]):
                 part = {k: v[idx] for k, v in batch.items()}
-                old_log_prob[idx], _, old_values[idx], full = policy_outputs(
-                    policy.speechlm, part, r.temperature, policy.value_head)
+                with mixed():
+                    old_log_prob[idx], _, old_values[idx], full = policy_outputs(
+                        policy.speechlm, part, r.temperature, policy.value_head)
                 ref_log_prob[idx], _, _, full_ref = policy_outputs(reference, part, r.temperature)
                 kl[idx] = exact_kl(full, full_ref, part["free"])                     # (b, S) nats per column
         mean_kl = masked_mean(kl, mask).item()                                       # nats per column
@@ -458,8 +490,9 @@ def train_rl(cfg, policy, reference, train_prompts, score, out_dir, eval_prompts
         stats, first_ratio_error, t_scored = [], None, time.time()
         for idx in ([] if braked else (idx for order in orders for idx in split(order))):
             part, m = {k: v[idx] for k, v in batch.items()}, mask[idx]
-            log_prob, entropy, values, _ = policy_outputs(policy.speechlm, part, r.temperature,
-                                                          policy.value_head)
+            with mixed():
+                log_prob, entropy, values, _ = policy_outputs(policy.speechlm, part, r.temperature,
+                                                              policy.value_head)
             policy_loss, ratio, clip_fraction, approx_kl = clipped_policy_loss(
                 log_prob, old_log_prob[idx], advantages[idx], m, r.clip)
             if first_ratio_error is None:                                            # 0.0, else a PPO bug
