@@ -29,6 +29,7 @@ import rl
 import speechlm
 import train
 from checkpoint import save_checkpoint
+from lora import LoRALinear, apply_lora
 from speechlm import END, SpeechLM, audio_columns
 from test_speechlm import make_coded_corpus
 
@@ -201,6 +202,46 @@ def test_kl_brake_skips_exactly_the_updates_from_too_far(warm_speechlm, loose_to
         assert row["braked"] == (row["kl"] > 0.2) and (row["updates"] == 0) == row["braked"], row
     assert any(row["braked"] for row in braked)
     assert max(row["kl"] for row in braked) < max(row["kl"] for row in loose) / 2, (braked, loose)
+
+
+def test_bf16_rollouts_come_from_a_bf16_copy_with_the_lora_update_folded_in(warm_speechlm):
+    """--system.precision=bf16: the policy keeps fp32 weights and runs under autocast, and rollouts sample
+    from a bf16 copy of it (rl.sampler) that carries its LoRA update; fp32 samples from the policy itself."""
+    cfg = config.get_config("tiny", ["--system.precision=bf16"])
+    policy = rl.Policy(SpeechLM(cfg.speechlm, text_vocab=320, n_codebooks=2))
+    policy.speechlm.load_state_dict(warm_speechlm.state_dict())
+    apply_lora(policy.speechlm.blocks, 2, 4.0, targets=rl.LORA_TARGETS)
+    torch.manual_seed(0)
+    for module in policy.modules():                                   # a trained-looking update, B != 0
+        if isinstance(module, LoRALinear):
+            torch.nn.init.normal_(module.lora_B, std=1.0)
+    mixed, dtype = rl.mixed_precision(cfg, torch.device("cpu"))
+    assert dtype == torch.bfloat16 and rl.sampler(policy.speechlm, torch.float32) is policy.speechlm
+    copy = rl.sampler(policy.speechlm, dtype)
+    assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    folded = [m.merged for m in copy.modules() if isinstance(m, LoRALinear)]
+    assert len(folded) == 2 * len(rl.LORA_TARGETS) and all(folded)              # one matmul per projection
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}              # the masters stay fp32
+    prompts = toy_prompts()[0::2] * 4
+    columns, ended, sampled = rl.sample_rollouts(copy, prompts, 15, 1.0, torch.Generator().manual_seed(0))
+    batch = rl.rollout_batch(prompts, columns, ended, 15)
+    with torch.no_grad():
+        exact = rl.policy_outputs(policy.speechlm, batch, 1.0)[0]                 # fp32, LoRA unmerged
+        with mixed():
+            autocast = rl.policy_outputs(policy.speechlm, batch, 1.0)[0]
+        before_rl = rl.policy_outputs(warm_speechlm, batch, 1.0)[0]               # no LoRA update
+    mask = batch["mask"].bool()
+    rounding = (sampled - exact)[mask].abs().mean()
+    assert rounding < 0.02 and (autocast - exact)[mask].abs().mean() < 0.02, rounding   # bf16 rounding only
+    assert (before_rl - exact)[mask].abs().mean() > 5 * rounding                 # the update is in the copy
+    assert not torch.equal(autocast, exact)                                      # autocast did act
+
+
+def test_bf16_ppo_keeps_the_first_ratio_exactly_1(warm_speechlm, tmp_path):
+    """Under autocast the old log-probs and the first minibatch's pass are the same computation."""
+    rows = run_toy(warm_speechlm, tmp_path, "--system.precision=bf16", "--rl.iterations=3", "--rl.kl_stop=0")
+    assert [r["first_ratio_error"] for r in rows] == [0.0, 0.0, 0.0]
+    assert all(r["updates"] > 1 and r["approx_kl"] > 0 for r in rows)              # and then it moves
 
 
 # -----------------------------------------------------------------------------
