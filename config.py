@@ -161,8 +161,9 @@ class RLConfig:
     iterations: int = 20          # rounds of rollout -> score -> PPO update (base: ~1 min of CPU each)
     prompts_per_iteration: int = 4    # distinct prompts (text + voice description) per rollout batch; on a
                                   # GPU, 8 x 8 samples with epochs 4 and minibatch 16 (LoRA r=8) raised the
-                                  # held-out reward on 6 of 6 runs, where 4 x 4 did not; 6.5 min an
-                                  # iteration on a 2-core CPU (README, stage 3)
+                                  # held-out reward on 6 of 6 runs, where 4 x 4 did not; on a 2-core
+                                  # CPU an iteration of 8 x 8 took 6.5 min in fp32, ~61 s with
+                                  # --system.precision=bf16 (README, stage 3)
     samples_per_prompt: int = 4   # rollouts per prompt; each one's baseline is the others' mean score
     max_seconds: float = 4.0      # longest speech a rollout may say (END is forced there)
     temperature: float = 1.0      # the policy is softmax(logits / temperature), in rollouts and in ratios
