@@ -35,7 +35,8 @@ Simplified on purpose: a rollout batch holds prompts with the same number of tex
 needs no padding mask (SpeechLM.run has none); one constant learning rate; the whole policy trunk trains (or,
 with --rl.lora_r, only LoRA updates of its projections), its text embeddings and VoiceEncoder stay frozen; the
 judge is a fixed frozen model, not a learned reward model; scores are normalised per batch, not by statistics
-kept across iterations.
+kept across iterations; with --system.precision=bf16 the rollouts come from a bf16 copy of the policy while
+PPO's log-probs come from its autocast pass, so sampling and training differ by rounding (mixed_precision).
 """
 import copy
 import json
