@@ -118,6 +118,8 @@ class SpeechLMConfig:
     voice_dim: int = 256         # VoiceEncoder width = size of the shared description/audio space
     voice_layers: int = 2        # transformer blocks in each VoiceEncoder tower (text, audio)
     voice_weight: float = 1.0    # weight of the VoiceEncoder's InfoNCE loss in the stage-1 loss
+    voice_lr: float = 7e-4       # the VoiceEncoder's peak learning rate (train.lr's warm-up and decay, scaled):
+                                 # lower than the SpeechLM's (300 voice-only steps of 256 log-mel clips, README)
     voice_batch_size: int = 64   # clips per contrastive batch (more negatives than one micro-batch)
     voice_audio: str = "codes"   # what the VoiceEncoder's audio tower hears: "codes" (EnCodec) | "mel" (80-bin
                                  # log-mel, made once beside the manifest); speaking uses its text tower only

@@ -50,7 +50,7 @@ import struct
 import sys
 import warnings
 import wave
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -454,6 +454,8 @@ class Stage:
     batch: Callable[[int], dict]         # micro-batch number i -> dict of CPU tensors (a pure function of i)
     evaluate: Callable[[], dict]         # held-out metrics, e.g. {"test_loss": 1.2, "wer": 0.08}
     tokens: Callable[[dict], int]        # tokens in a batch, for train.py's tokens/s
+    lr_scale: dict = field(default_factory=dict)   # {parameter-name prefix: multiple of train.lr} for parts
+                                                   # that learn best at their own rate (the VoiceEncoder)
 
 
 def normalize_text(text):

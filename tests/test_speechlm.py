@@ -106,6 +106,24 @@ def test_info_nce_equals_hand_computed_value():
     assert both.item() == pytest.approx((rows / 2 + cols / 2) / 2, abs=1e-6)
 
 
+def test_voice_audio_tower_by_hand_and_deaf_to_padding():
+    """The audio tower's clip vector is proj(mean over time of its final states), normalized; padding a clip
+    inside a batch changes nothing, even where the stride-4 convolution straddles the clip's end."""
+    torch.manual_seed(0)
+    voice = speechlm.VoiceEncoder(text_vocab=50, n_codebooks=2, dim=16, n_layers=1).eval()
+    clip = torch.randint(0, 1024, (2, 11))                        # 11 frames -> 3 positions after stride 4
+    states = []
+    hook = voice.audio_norm.register_forward_hook(lambda module, inputs, output: states.append(output))
+    alone = voice.embed_audio(clip[None], torch.tensor([11]))[0]
+    hook.remove()
+    assert states[0].shape == (1, 3, 16)
+    assert torch.allclose(alone, F.normalize(voice.audio_proj(states[0][0].mean(0)), dim=-1), atol=1e-6)
+    longer = torch.randint(0, 1024, (2, 30))
+    batch = torch.stack([F.pad(clip, (0, 19), value=5), longer])                    # clip padded to 30
+    together = voice.embed_audio(batch, torch.tensor([11, 30]))
+    assert torch.allclose(together[0], alone, atol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # SpeechLM: where the loss is, and the KV cache
 
