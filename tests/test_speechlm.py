@@ -308,7 +308,8 @@ def test_stage1_hearing_loss_reads_the_encoder_cache_and_learns(tmp_path):
     speech = {k: v for k, v in batch.items() if not k.startswith(("voice_", "whisper_"))}
     voice = {k.removeprefix("voice_"): v for k, v in batch.items() if k.startswith("voice_")}
     torch.manual_seed(0)
-    parts = lm(**speech) + lm.voice.loss(**voice) + 2 * stage.model.hearing_loss(batch)
+    parts = (lm(**speech) + cfg.speechlm.voice_weight * lm.voice.loss(**voice)
+             + 2 * stage.model.hearing_loss(batch))
     assert stage.model(**batch).item() == pytest.approx(parts.item(), rel=1e-5)
     before = stage.evaluate()["whisper_loss"]
     optimizer = torch.optim.AdamW(stage.model.parameters(), lr=3e-3)
